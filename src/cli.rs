@@ -1,0 +1,166 @@
+//! The command line: `run`, `check`, `routes`, `ssh-config`.
+//!
+//! Parsing only; the commands' work lives in the library. Text rendered for
+//! `check` and `routes` is built here from a validated config.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, Config, ConfigError, Problem, ProxyMode};
+
+/// TCP port-range forwarding proxy for private maintenance lines behind
+/// AWS PrivateLink and a Network Load Balancer.
+#[derive(Debug, Parser)]
+#[command(name = "portgate", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// Config file.
+    #[arg(short, long, value_name = "PATH", default_value = config::DEFAULT_PATH)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve: bind the listeners and forward until SIGTERM.
+    Run(ConfigArg),
+    /// Validate the config and print a summary; exit 0 if valid, 1 if not.
+    Check(ConfigArg),
+    /// Print the effective route table.
+    Routes(ConfigArg),
+    /// Print an ssh_config(5) block per SSH route.
+    SshConfig(SshConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SshConfigArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Host name operators connect to (the NLB or VPC endpoint DNS name).
+    #[arg(long)]
+    pub host: String,
+    /// User for routes that set no `ssh_user`.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// IdentityFile to put in every block.
+    #[arg(long, value_name = "FILE")]
+    pub identity_file: Option<String>,
+    /// Write to FILE (atomically: a temporary file renamed into place)
+    /// instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+/// Load and validate a config, including what only the runtime can judge
+/// (the log level's syntax).
+pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+    let cfg = config::load(path)?;
+    if let Err(e) = crate::logging::check_level(&cfg.log.level) {
+        return Err(ConfigError {
+            problems: vec![Problem {
+                location: path.display().to_string(),
+                message: format!(
+                    "log.level {:?} is not a valid filter ({e}); use one of error, warn, info, debug, trace",
+                    cfg.log.level
+                ),
+            }],
+        });
+    }
+    Ok(cfg)
+}
+
+/// The summary `check` prints for a valid config.
+pub fn check_summary(cfg: &Config) -> String {
+    let mut s = String::new();
+    let routed: std::collections::BTreeSet<u16> = cfg.routes.iter().map(|r| r.port).collect();
+    let _ = writeln!(s, "{}: OK", cfg.source.display());
+    let _ = writeln!(
+        s,
+        "  routes:    {} on {} port{}, {} tenant{}",
+        cfg.routes.len(),
+        routed.len(),
+        if routed.len() == 1 { "" } else { "s" },
+        cfg.tenants().len(),
+        if cfg.tenants().len() == 1 { "" } else { "s" },
+    );
+    let listening = cfg.listen_ports();
+    let _ = match cfg.listen.ports {
+        Some(r) => writeln!(s, "  listen:    {} ports {} ({} bound)", cfg.listen.address, r, listening.len()),
+        None => writeln!(s, "  listen:    {} on {} routed port(s)", cfg.listen.address, listening.len()),
+    };
+    let _ = match cfg.proxy_protocol.mode {
+        ProxyMode::Off => writeln!(s, "  proxy:     off"),
+        ProxyMode::Required => writeln!(
+            s,
+            "  proxy:     required from {}",
+            cfg.proxy_protocol.trusted.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
+        ),
+    };
+    let _ = writeln!(
+        s,
+        "  keepalive: {} + {} x {} (NLB idle timeout {})",
+        humantime::format_duration(cfg.keepalive.time),
+        humantime::format_duration(cfg.keepalive.interval),
+        cfg.keepalive.retries,
+        humantime::format_duration(cfg.keepalive.idle_timeout_limit)
+    );
+    let _ = writeln!(
+        s,
+        "  admin:     {}",
+        cfg.admin.listen.map_or("off".to_string(), |a| a.to_string())
+    );
+    let _ = writeln!(s, "  hash:      {}", cfg.hash());
+    s
+}
+
+/// The table `routes` prints.
+pub fn routes_table(cfg: &Config) -> String {
+    let headers = ["PORT", "VIA", "NAME", "TENANT", "TARGET", "ALLOW", "ENDPOINTS", "MAX"];
+    let rows: Vec<[String; 8]> = cfg
+        .routes
+        .iter()
+        .map(|r| {
+            [
+                r.port.to_string(),
+                r.via.clone().unwrap_or_else(|| "-".into()),
+                r.name.clone(),
+                r.tenant.clone(),
+                r.target.to_string(),
+                r.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","),
+                if r.endpoints.is_empty() { "*".into() } else { r.endpoints.join(",") },
+                if r.max_connections == 0 { "-".into() } else { r.max_connections.to_string() },
+            ]
+        })
+        .collect();
+    let mut widths = headers.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &[&str]| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut out, &headers);
+    for row in &rows {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        line(&mut out, &cells);
+    }
+    out
+}

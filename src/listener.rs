@@ -1,0 +1,180 @@
+//! The listening sockets: bind the port set, accept, reconcile on reload.
+//!
+//! The accept loop only accepts: each connection is handed to its own session
+//! task at once (the PROXY header is read there, under its own timeout), so a
+//! slow client never delays the next accept. The loop survives every accept
+//! error; when descriptors or memory run out it backs off (10 ms doubling to
+//! 1 s), logs once for the whole process, and logs again when it recovers.
+//!
+//! Reconciling is split in two so a reload can fail cleanly: [`ListenerSet::bind_new`]
+//! binds every port that is not yet listening (and fails as a whole), then
+//! [`ListenerSet::commit`] starts accepting on them and closes the ports the
+//! new config dropped. Ports in both configs keep their socket: no connection
+//! is refused during a reload.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::server::Shared;
+use crate::session;
+use crate::sockopt;
+
+/// First back-off after an accept failed for lack of descriptors or memory.
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest back-off: short enough to resume promptly once descriptors free up.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// A port that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} port {port}: {source}{hint}")]
+pub struct BindError {
+    pub addr: IpAddr,
+    pub port: u16,
+    #[source]
+    pub source: io::Error,
+    hint: &'static str,
+}
+
+impl BindError {
+    fn new(addr: IpAddr, port: u16, source: io::Error) -> Self {
+        let hint = match source.kind() {
+            io::ErrorKind::AddrInUse => " (another process, or another portgate, already listens there)",
+            io::ErrorKind::PermissionDenied => {
+                " (ports below 1024 need CAP_NET_BIND_SERVICE; see systemd/portgate.service)"
+            }
+            io::ErrorKind::AddrNotAvailable => " (listen.address is not an address of this host)",
+            _ => "",
+        };
+        BindError { addr, port, source, hint }
+    }
+}
+
+struct Running {
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Sockets bound by [`ListenerSet::bind_new`], not yet accepting.
+pub struct Bound(Vec<(u16, TcpListener)>);
+
+/// The running listeners, by port.
+#[derive(Default)]
+pub struct ListenerSet {
+    running: BTreeMap<u16, Running>,
+}
+
+impl ListenerSet {
+    /// Bind every port of `ports` that is not listening yet. On any failure
+    /// the ports bound so far are closed again and nothing changes.
+    pub fn bind_new(&self, addr: IpAddr, ports: &[u16]) -> Result<Bound, BindError> {
+        let mut bound = Vec::new();
+        for &port in ports {
+            if self.running.contains_key(&port) {
+                continue;
+            }
+            let l = sockopt::bind_listener(addr, port).map_err(|e| BindError::new(addr, port, e))?;
+            bound.push((port, l));
+        }
+        Ok(Bound(bound))
+    }
+
+    /// Start accepting on `bound`, and close every running port not in `ports`.
+    pub fn commit(&mut self, bound: Bound, ports: &[u16], shared: &Arc<Shared>) {
+        for (port, listener) in bound.0 {
+            let cancel = CancellationToken::new();
+            let task = tokio::spawn(accept_loop(listener, port, Arc::clone(shared), cancel.clone()));
+            self.running.insert(port, Running { cancel, task });
+        }
+        let keep: std::collections::HashSet<u16> = ports.iter().copied().collect();
+        let gone: Vec<u16> = self.running.keys().copied().filter(|p| !keep.contains(p)).collect();
+        for port in gone {
+            if let Some(r) = self.running.remove(&port) {
+                r.cancel.cancel();
+            }
+        }
+    }
+
+    /// Stop accepting everywhere and wait until every socket is closed.
+    pub async fn close_all(&mut self) {
+        let running = std::mem::take(&mut self.running);
+        for r in running.values() {
+            r.cancel.cancel();
+        }
+        for (_, r) in running {
+            let _ = r.task.await;
+        }
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.running.keys().copied().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+async fn accept_loop(listener: TcpListener, port: u16, shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut backoff: Option<Duration> = None;
+    loop {
+        let res = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match res {
+            Ok((stream, peer)) => {
+                if backoff.take().is_some() && shared.accept_starved.swap(false, Ordering::AcqRel) {
+                    tracing::info!(port, "accepting connections again");
+                }
+                shared.sessions.spawn(session::run(stream, peer, port, Arc::clone(&shared)));
+            }
+            Err(e) if is_resource_exhaustion(&e) => {
+                let d = backoff.map_or(BACKOFF_MIN, |d| (d * 2).min(BACKOFF_MAX));
+                backoff = Some(d);
+                if !shared.accept_starved.swap(true, Ordering::AcqRel) {
+                    tracing::error!(
+                        port,
+                        error = %e,
+                        "cannot accept connections: out of file descriptors or memory; \
+                         pausing accepts and retrying (raise LimitNOFILE or lower max_connections); \
+                         logged once until it recovers"
+                    );
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(d) => {}
+                }
+            }
+            Err(e) => match e.kind() {
+                // The client gave up between SYN and accept: nothing to do.
+                io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::Interrupted => {}
+                _ => {
+                    tracing::warn!(port, error = %e, "accept failed; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(BACKOFF_MIN) => {}
+                    }
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! The route table: `(port, via)` lookup and admission.
+//!
+//! A [`RouteTable`] is immutable once built; a reload builds a new one and
+//! swaps it in (see `reload.rs`), so lookups on the accept path take no lock.
+//! Per-route runtime state ([`RouteState`]: metric handles and the live
+//! session count behind `max_connections`) survives reloads by route name.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::config::{Config, Route};
+use crate::metrics::{Metrics, RouteMetrics};
+
+/// Why a connection was refused, as the `reason` label and log field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reject {
+    ProxyHeader,
+    NoRoute,
+    SourceNotAllowed,
+    EndpointNotAllowed,
+    Limit,
+}
+
+impl Reject {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::ProxyHeader => "proxy_header",
+            Reject::NoRoute => "no_route",
+            Reject::SourceNotAllowed => "source_not_allowed",
+            Reject::EndpointNotAllowed => "endpoint_not_allowed",
+            Reject::Limit => "limit",
+        }
+    }
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Runtime state of a route, kept across reloads while its name exists.
+pub struct RouteState {
+    pub metrics: RouteMetrics,
+    /// Sessions admitted on this route name and not yet ended.
+    active: Arc<AtomicU32>,
+}
+
+impl RouteState {
+    /// Take a slot under `max` (0 = unlimited). The slot is released when the
+    /// returned guard drops.
+    pub fn try_acquire(self: &Arc<Self>, max: u32) -> Option<RouteSlot> {
+        let mut cur = self.active.load(Ordering::Relaxed);
+        loop {
+            if max != 0 && cur >= max {
+                return None;
+            }
+            match self.active.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(actual) => cur = actual,
+            }
+        }
+        self.metrics.active.increment(1.0);
+        Some(RouteSlot { state: Arc::clone(self) })
+    }
+
+    pub fn active(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+/// One admitted session's hold on its route's counters.
+pub struct RouteSlot {
+    state: Arc<RouteState>,
+}
+
+impl RouteSlot {
+    pub fn state(&self) -> &Arc<RouteState> {
+        &self.state
+    }
+}
+
+impl Drop for RouteSlot {
+    fn drop(&mut self) {
+        self.state.active.fetch_sub(1, Ordering::AcqRel);
+        self.state.metrics.active.decrement(1.0);
+    }
+}
+
+/// A route together with its runtime state.
+#[derive(Clone)]
+pub struct RouteEntry {
+    pub route: Arc<Route>,
+    pub state: Arc<RouteState>,
+}
+
+#[derive(Default, Clone)]
+struct PortRoutes {
+    /// The route without `via`.
+    default: Option<RouteEntry>,
+    /// Routes with `via`, by endpoint id. Few per port: a linear scan beats hashing.
+    via: Vec<(String, RouteEntry)>,
+}
+
+/// Immutable `(port, via)` -> route map.
+#[derive(Default, Clone)]
+pub struct RouteTable {
+    by_port: HashMap<u16, PortRoutes>,
+    by_name: HashMap<String, RouteEntry>,
+}
+
+impl RouteTable {
+    /// Build the table for `config`, reusing the runtime state of routes whose
+    /// name already exists in `states` (and registering new ones).
+    pub fn build(config: &Config, states: &RouteStates) -> RouteTable {
+        let mut table = RouteTable::default();
+        for route in &config.routes {
+            let entry = RouteEntry { route: Arc::clone(route), state: states.get(route) };
+            let port = table.by_port.entry(route.port).or_default();
+            match &route.via {
+                Some(v) => port.via.push((v.clone(), entry.clone())),
+                None => port.default = Some(entry.clone()),
+            }
+            table.by_name.insert(route.name.clone(), entry);
+        }
+        table
+    }
+
+    /// The route for a connection on `port` that came through `endpoint`:
+    /// the route with `via = endpoint` wins, else the port's route without
+    /// `via`.
+    pub fn lookup(&self, port: u16, endpoint: Option<&str>) -> Option<&RouteEntry> {
+        let p = self.by_port.get(&port)?;
+        if let Some(ep) = endpoint {
+            if let Some((_, e)) = p.via.iter().find(|(v, _)| v == ep) {
+                return Some(e);
+            }
+        }
+        p.default.as_ref()
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&RouteEntry> {
+        self.by_name.get(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
+/// Route runtime states by name, kept across reloads.
+#[derive(Default)]
+pub struct RouteStates {
+    inner: Mutex<HashMap<String, Arc<RouteState>>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl RouteStates {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        RouteStates { inner: Mutex::default(), metrics: Some(metrics) }
+    }
+
+    fn get(&self, route: &Route) -> Arc<RouteState> {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get(&route.name) {
+            return Arc::clone(s);
+        }
+        let metrics = match &self.metrics {
+            Some(m) => m.route(&route.name, &route.tenant),
+            None => Metrics::new().route(&route.name, &route.tenant),
+        };
+        let state = Arc::new(RouteState { metrics, active: Arc::default() });
+        map.insert(route.name.clone(), Arc::clone(&state));
+        state
+    }
+
+    /// Forget the state of routes that `config` no longer has. Sessions that
+    /// still run on them keep their own `Arc`.
+    pub fn retain(&self, config: &Config) {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|name, _| config.routes.iter().any(|r| &r.name == name));
+    }
+
+    /// If a route's tenant label changed, its metric series change too: drop
+    /// the old state so that `build` registers the new labels. Its session
+    /// count carries over.
+    pub fn refresh_labels(&self, config: &Config) {
+        let Some(metrics) = &self.metrics else { return };
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for route in &config.routes {
+            if let Some(old) = map.get(&route.name) {
+                if old.metrics.tenant != route.tenant {
+                    let state = Arc::new(RouteState {
+                        metrics: metrics.route(&route.name, &route.tenant),
+                        active: Arc::clone(&old.active),
+                    });
+                    map.insert(route.name.clone(), state);
+                }
+            }
+        }
+    }
+}
+
+/// Admission of a client on a route, after lookup: source then endpoint.
+/// (Limits are taken separately, as slots.)
+pub fn admit(route: &Route, client: IpAddr, endpoint: Option<&str>) -> Result<(), Reject> {
+    let client = client.to_canonical();
+    if !route.allow.iter().any(|net| net.contains(&client)) {
+        return Err(Reject::SourceNotAllowed);
+    }
+    if !route.endpoints.is_empty() {
+        match endpoint {
+            Some(ep) if route.endpoints.iter().any(|e| e == ep) => {}
+            _ => return Err(Reject::EndpointNotAllowed),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Target;
+
+    fn route(name: &str, port: u16, via: Option<&str>, allow: &[&str], endpoints: &[&str]) -> Route {
+        Route {
+            name: name.into(),
+            port,
+            via: via.map(Into::into),
+            target: Target::Addr("127.0.0.1:22".parse().unwrap()),
+            tenant: name.into(),
+            allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            max_connections: 0,
+            ssh_user: None,
+        }
+    }
+
+    #[test]
+    fn admit_checks_source_then_endpoint() {
+        let r = route("a", 1, None, &["10.0.0.0/8"], &["vpce-1"]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(admit(&r, ip("10.1.2.3"), Some("vpce-1")), Ok(()));
+        assert_eq!(admit(&r, ip("11.1.2.3"), Some("vpce-2")), Err(Reject::SourceNotAllowed));
+        assert_eq!(admit(&r, ip("10.1.2.3"), Some("vpce-2")), Err(Reject::EndpointNotAllowed));
+        assert_eq!(admit(&r, ip("10.1.2.3"), None), Err(Reject::EndpointNotAllowed));
+        // A dual-stack listener shows IPv4 clients as IPv4-mapped IPv6.
+        assert_eq!(admit(&r, ip("::ffff:10.1.2.3"), Some("vpce-1")), Ok(()));
+        let v6 = route("b", 1, None, &["2001:db8::/32"], &[]);
+        assert_eq!(admit(&v6, ip("2001:db8::1"), None), Ok(()));
+        assert_eq!(admit(&v6, ip("10.1.2.3"), None), Err(Reject::SourceNotAllowed));
+    }
+
+    #[test]
+    fn via_route_wins_over_port_route() {
+        let mut cfg = Config::with_defaults("test.toml".into());
+        cfg.routes = vec![
+            Arc::new(route("plain", 8022, None, &["0.0.0.0/0"], &[])),
+            Arc::new(route("through-e1", 8022, Some("vpce-e1"), &["0.0.0.0/0"], &[])),
+            Arc::new(route("only-via", 8023, Some("vpce-e1"), &["0.0.0.0/0"], &[])),
+        ];
+        let states = RouteStates::default();
+        let t = RouteTable::build(&cfg, &states);
+        let name = |p, e| t.lookup(p, e).map(|e: &RouteEntry| e.route.name.clone());
+        assert_eq!(name(8022, Some("vpce-e1")).as_deref(), Some("through-e1"));
+        assert_eq!(name(8022, Some("vpce-e2")).as_deref(), Some("plain"));
+        assert_eq!(name(8022, None).as_deref(), Some("plain"));
+        assert_eq!(name(8023, Some("vpce-e1")).as_deref(), Some("only-via"));
+        assert_eq!(name(8023, None), None);
+        assert_eq!(name(9999, None), None);
+    }
+
+    #[test]
+    fn slots_respect_limit_and_release() {
+        let states = RouteStates::default();
+        let r = route("a", 1, None, &["0.0.0.0/0"], &[]);
+        let s = states.get(&r);
+        let a = s.try_acquire(2).unwrap();
+        let _b = s.try_acquire(2).unwrap();
+        assert!(s.try_acquire(2).is_none());
+        drop(a);
+        assert!(s.try_acquire(2).is_some());
+        assert!(s.try_acquire(0).is_some(), "0 = unlimited");
+        // The state is shared by name across builds.
+        assert!(Arc::ptr_eq(&s, &states.get(&r)));
+    }
+}

@@ -1,0 +1,121 @@
+//! Socket options: one function for both sides of a session, plus listener
+//! and dialer construction.
+//!
+//! A failed option is logged and the connection goes on: a session without
+//! keepalive is worse than one with it, but better than none.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::Keepalive;
+
+/// Listen backlog: connection bursts (an NLB health-check sweep, a fleet
+/// reconnecting after a deploy) must not see SYNs dropped. The kernel caps it
+/// at `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// Set TCP keepalive and TCP_NODELAY on a session socket. `side` names it in
+/// the warning ("client" or "target").
+pub fn apply_session_opts(stream: &TcpStream, ka: &Keepalive, side: &'static str) {
+    let sock = SockRef::from(stream);
+    let params = TcpKeepalive::new()
+        .with_time(ka.time)
+        .with_interval(ka.interval)
+        .with_retries(ka.retries);
+    if let Err(e) = sock.set_tcp_keepalive(&params) {
+        tracing::warn!(side, error = %e, "could not set TCP keepalive; idle sessions may be cut by the NLB");
+    }
+    if let Err(e) = sock.set_nodelay(true) {
+        tracing::warn!(side, error = %e, "could not set TCP_NODELAY");
+    }
+}
+
+/// Bind a listening socket on `addr:port` with SO_REUSEADDR (restart while old
+/// connections sit in TIME_WAIT) and, for `::`, dual stack.
+pub fn bind_listener(addr: IpAddr, port: u16) -> io::Result<TcpListener> {
+    let sa = SocketAddr::new(addr, port);
+    let socket = Socket::new(Domain::for_address(sa), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() && addr.is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&sa.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Dial `addr` within `timeout`.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, DialError> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+        .map_err(DialError::Io)?;
+    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(DialError::Io(e)),
+        Err(_) => Err(DialError::Timeout),
+    }
+}
+
+/// A failed dial.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("connect timed out")]
+    Timeout,
+    #[error("name lookup failed: {0}")]
+    Resolve(String),
+    #[error("{0}")]
+    Io(io::Error),
+}
+
+/// Reset a connection on close (SO_LINGER 0), to pass a reset on.
+pub fn set_reset_on_close(stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keepalive_and_nodelay_are_set_on_both_sides() {
+        let listener = bind_listener("127.0.0.1".parse().unwrap(), 0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dial = tokio::spawn(async move { connect(addr, Duration::from_secs(1)).await });
+        let (server, _) = listener.accept().await.unwrap();
+        let client = dial.await.unwrap().unwrap();
+        let ka = Keepalive {
+            time: Duration::from_secs(37),
+            interval: Duration::from_secs(11),
+            retries: 5,
+            idle_timeout_limit: Duration::from_secs(350),
+        };
+        for (s, side) in [(&server, "client"), (&client, "target")] {
+            apply_session_opts(s, &ka, side);
+            let r = SockRef::from(s);
+            assert!(r.keepalive().unwrap());
+            assert_eq!(r.keepalive_time().unwrap(), Duration::from_secs(37));
+            assert_eq!(r.keepalive_interval().unwrap(), Duration::from_secs(11));
+            assert_eq!(r.keepalive_retries().unwrap(), 5);
+            assert!(r.nodelay().unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn dual_stack_listener_accepts_ipv4() {
+        let Ok(listener) = bind_listener("::".parse().unwrap(), 0) else {
+            eprintln!("skipped: IPv6 is not available on this host");
+            return;
+        };
+        let port = listener.local_addr().unwrap().port();
+        let dial = tokio::spawn(async move {
+            connect(SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(1)).await
+        });
+        let (_s, peer) = listener.accept().await.unwrap();
+        dial.await.unwrap().unwrap();
+        assert_eq!(peer.ip().to_canonical(), "127.0.0.1".parse::<IpAddr>().unwrap());
+    }
+}

@@ -1,0 +1,69 @@
+//! sd_notify: readiness, reload and stop notifications, watchdog, status.
+//!
+//! Every call is a no-op when `NOTIFY_SOCKET` is not set, so portgate runs
+//! the same under systemd, in a terminal and in tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio_util::sync::CancellationToken;
+
+use crate::server::Shared;
+
+/// How often `STATUS=` is refreshed when no watchdog is configured.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+fn send(states: &[NotifyState<'_>]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}
+
+/// `READY=1` with a status line: after startup and after every reload.
+pub fn notify_ready(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// `RELOADING=1` with `MONOTONIC_USEC`, as `Type=notify-reload` expects.
+pub fn notify_reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(_) => send(&[NotifyState::Reloading]),
+    }
+}
+
+pub fn notify_stopping() {
+    send(&[NotifyState::Stopping, NotifyState::Status("shutting down")]);
+}
+
+/// Ping the watchdog at half of `WATCHDOG_USEC`, and refresh `STATUS=`.
+/// The pings come from a task on the runtime, so a stalled runtime stops
+/// them and systemd restarts the node.
+pub fn spawn_watchdog(shared: Arc<Shared>, stop: CancellationToken) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let mut usec = 0u64;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut usec);
+    let period = if watchdog { Duration::from_micros(usec / 2).max(Duration::from_millis(10)) } else { STATUS_EVERY };
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let status = shared.status_line();
+            if watchdog {
+                send(&[NotifyState::Watchdog, NotifyState::Status(&status)]);
+            } else {
+                send(&[NotifyState::Status(&status)]);
+            }
+        }
+    });
+}

@@ -1,0 +1,379 @@
+//! Test harness: spawn the real `portgate` binary on loopback, read its JSON
+//! log lines as events, and talk to it with plain blocking sockets.
+//!
+//! Waiting is always for an event (a log line, a metric value, a socket
+//! state) with a deadline, never a bare sleep. On a failed test the harness
+//! prints the config and every log line the node wrote.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_portgate");
+/// Generous bound for anything that should happen "at once" on a loaded CI box.
+pub const SOON: Duration = Duration::from_secs(10);
+
+/// A block of `n` consecutive free loopback ports.
+pub fn free_ports(n: u16) -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Spread test processes (nextest runs one per test) over 20000-32000.
+    let seed = (std::process::id() as u16).wrapping_mul(97) % 12000;
+    'search: for _ in 0..1000 {
+        let off = NEXT.fetch_add(n + 1, Ordering::Relaxed);
+        let base = 20000 + (seed.wrapping_add(off)) % (12000 - n);
+        for p in base..base + n {
+            if TcpListener::bind(("127.0.0.1", p)).is_err() {
+                continue 'search;
+            }
+        }
+        return base;
+    }
+    panic!("no block of {n} free ports");
+}
+
+pub fn free_port() -> u16 {
+    free_ports(1)
+}
+
+#[derive(Default)]
+struct LogBuf {
+    lines: Mutex<Vec<String>>,
+    cv: Condvar,
+}
+
+/// A running portgate process.
+pub struct Portgate {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    logs: Arc<LogBuf>,
+    pub admin: SocketAddr,
+    config_text: Mutex<String>,
+}
+
+/// Fill in the `[admin]` and `[log]` sections the harness relies on.
+pub fn with_harness_sections(config: &str, admin: SocketAddr) -> String {
+    let mut c = config.to_string();
+    if !c.contains("[admin]") {
+        c.push_str(&format!("\n[admin]\nlisten = \"{admin}\"\n"));
+    }
+    if !c.contains("[log]") {
+        c.push_str("\n[log]\nformat = \"json\"\nlevel = \"info\"\n");
+    }
+    c
+}
+
+impl Portgate {
+    /// Write `config` (adding admin and JSON log sections if missing), start
+    /// the binary and wait until it is ready.
+    pub fn start(config: &str) -> Portgate {
+        Self::start_with(config, &[])
+    }
+
+    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Portgate {
+        let pg = Self::spawn(config, env);
+        pg.wait_log(|l| l.contains("portgate ready"), SOON);
+        pg
+    }
+
+    /// Spawn without waiting for readiness.
+    pub fn spawn(config: &str, env: &[(&str, &str)]) -> Portgate {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let text = with_harness_sections(config, admin);
+        let config_path = dir.path().join("portgate.toml");
+        std::fs::write(&config_path, &text).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run").arg("-c").arg(&config_path).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn portgate");
+        let logs = Arc::new(LogBuf::default());
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&logs);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lines.lock().unwrap().push(line);
+                sink.cv.notify_all();
+            }
+            sink.lines.lock().unwrap().push("<stderr closed>".into());
+            sink.cv.notify_all();
+        });
+        Portgate { child, dir, config_path, logs, admin, config_text: Mutex::new(text) }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Replace the config file (harness sections added as at start).
+    pub fn write_config(&self, config: &str) {
+        let text = with_harness_sections(config, self.admin);
+        std::fs::write(&self.config_path, &text).unwrap();
+        *self.config_text.lock().unwrap() = text;
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill({sig})");
+    }
+
+    /// SIGHUP, then wait for the reload's outcome line; returns it.
+    pub fn reload(&self) -> serde_json::Value {
+        let before = self.count_logs(|l| is_reload_outcome(l));
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + SOON;
+        loop {
+            let lines = self.logs.lines.lock().unwrap();
+            let outcomes: Vec<&String> = lines.iter().filter(|l| is_reload_outcome(l)).collect();
+            if outcomes.len() > before {
+                return parse(outcomes[before]);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(lines);
+                panic!("no reload outcome logged within {SOON:?}");
+            }
+            let _ = self.logs.cv.wait_timeout(lines, left).unwrap();
+        }
+    }
+
+    pub fn count_logs(&self, pred: impl Fn(&str) -> bool) -> usize {
+        self.logs.lines.lock().unwrap().iter().filter(|l| pred(l)).count()
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lines.lock().unwrap().clone()
+    }
+
+    /// JSON log events matching `pred`.
+    pub fn events(&self, pred: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+        self.logs().iter().filter_map(|l| serde_json::from_str(l).ok()).filter(|v| pred(v)).collect()
+    }
+
+    /// Wait until a log line satisfies `pred`; returns it.
+    pub fn wait_log(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        self.wait_log_n(pred, 1, timeout)
+    }
+
+    /// Wait until `n` log lines satisfy `pred`; returns the n-th.
+    pub fn wait_log_n(&self, pred: impl Fn(&str) -> bool, n: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.logs.lines.lock().unwrap();
+        loop {
+            let hits: Vec<&String> = lines.iter().filter(|l| pred(l)).collect();
+            if hits.len() >= n {
+                return hits[n - 1].clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || lines.last().map(|l| l == "<stderr closed>").unwrap_or(false) {
+                drop(lines);
+                panic!("log line not seen within {timeout:?} (wanted {n})");
+            }
+            lines = self.logs.cv.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// Wait for the n-th JSON event with `message` and return it.
+    pub fn wait_event(&self, message: &str, n: usize) -> serde_json::Value {
+        let m = format!("\"message\":\"{message}\"");
+        parse(&self.wait_log_n(|l| l.contains(&m), n, SOON))
+    }
+
+    pub fn metrics(&self) -> String {
+        let (code, body) = http_get(self.admin, "/metrics");
+        assert_eq!(code, 200);
+        body
+    }
+
+    /// The value of one series, e.g. `portgate_connections_accepted_total{route="a",tenant="a"}`.
+    /// Labels may be given in any order.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        metric_value(&self.metrics(), series)
+    }
+
+    /// Wait until `series` has value `want`.
+    pub fn wait_metric(&self, series: &str, want: f64) {
+        let deadline = Instant::now() + SOON;
+        loop {
+            let v = self.metric(series);
+            if v == Some(want) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("{series} = {v:?}, wanted {want}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                panic!("portgate did not exit within {timeout:?}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn is_reload_outcome(l: &str) -> bool {
+    l.contains("\"message\":\"config reloaded\"")
+        || l.contains("\"message\":\"config reload failed; still serving the previous config\"")
+}
+
+pub fn parse(line: &str) -> serde_json::Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"))
+}
+
+impl Drop for Portgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!("---- portgate config ({}) ----", self.config_path.display());
+            eprintln!("{}", self.config_text.lock().unwrap());
+            eprintln!("---- portgate log ----");
+            for l in self.logs.lines.lock().unwrap().iter() {
+                eprintln!("{l}");
+            }
+            eprintln!("---- end ----");
+        }
+    }
+}
+
+/// Parse one series' value out of a Prometheus exposition.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    let (name, labels) = split_series(series);
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (s, v) = line.rsplit_once(' ')?;
+        let (n, l) = split_series(s);
+        if n == name && l == labels {
+            return v.parse().ok();
+        }
+    }
+    None
+}
+
+fn split_series(s: &str) -> (String, Vec<String>) {
+    match s.split_once('{') {
+        None => (s.to_string(), vec![]),
+        Some((n, rest)) => {
+            let inner = rest.trim_end_matches('}');
+            let mut labels: Vec<String> =
+                inner.split("\",").map(|p| p.trim_end_matches('"').to_string()).filter(|p| !p.is_empty()).collect();
+            labels.sort();
+            (n.to_string(), labels)
+        }
+    }
+}
+
+/// One-shot HTTP GET; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, SOON).expect("connect admin");
+    s.set_read_timeout(Some(SOON)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+/// An echo server on `addr` (port 0 for any): every connection is echoed
+/// until EOF, then half-closed back.
+pub fn echo_server_on(addr: &str) -> SocketAddr {
+    let l = TcpListener::bind(addr).unwrap();
+    let a = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+                let _ = s.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    a
+}
+
+pub fn echo_server() -> SocketAddr {
+    echo_server_on("127.0.0.1:0")
+}
+
+/// Connect from a given local address (127.0.0.x) to `to`.
+pub fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local: SocketAddr = format!("{from}:0").parse().unwrap();
+    sock.bind(&local.into()).unwrap();
+    sock.connect_timeout(&to.into(), SOON).unwrap();
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(SOON)).unwrap();
+    s
+}
+
+pub fn connect(to: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&to, SOON).unwrap();
+    s.set_read_timeout(Some(SOON)).unwrap();
+    s
+}
+
+/// Write `data`, half-close, and read everything back.
+pub fn roundtrip(mut s: TcpStream, data: &[u8]) -> Vec<u8> {
+    let mut w = s.try_clone().unwrap();
+    let payload = data.to_vec();
+    let writer = thread::spawn(move || {
+        w.write_all(&payload).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    writer.join().unwrap();
+    out
+}
+
+/// Expect the peer to close the connection without sending a byte
+/// (EOF or reset) within SOON.
+pub fn expect_closed(mut s: TcpStream) {
+    s.set_read_timeout(Some(SOON)).unwrap();
+    let mut b = [0u8; 64];
+    match s.read(&mut b) {
+        Ok(0) => {}
+        Ok(n) => panic!("expected close, got {n} bytes: {:?}", String::from_utf8_lossy(&b[..n])),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("expected close, got error {e}"),
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
