@@ -1,18 +1,1265 @@
-//! PROXY protocol v1/v2 header parsing (stub; replaced by the parser work).
-use std::net::SocketAddr;
+//! PROXY protocol v1 (text) and v2 (binary) header parsing, after HAProxy's
+//! `proxy-protocol.txt`.
+//!
+//! This module owns one thing: turning the first bytes a connection sent into
+//! a typed [`Header`] (or a reason to reject the connection), plus encoders
+//! for tests, benches and fuzzing. [`parse`] is incremental: call it with
+//! everything received so far; it says "complete, `n` bytes", "valid prefix,
+//! read more" or "can never become a header".
+//!
+//! It must not do I/O, hold state between calls, allocate in proportion to
+//! attacker-chosen lengths (the only allocation is the VPC endpoint id, which
+//! is bounded by [`MAX_HEADER_LEN`]), or panic on any input. Timeouts, the
+//! `trusted` check and what a `LOCAL` header means for the connection belong
+//! to the caller.
+//!
+//! Decisions where the HAProxy text leaves room:
+//! - v1 is strict: `PROXY` SP proto SP src SP dst SP sport SP dport CRLF with
+//!   single spaces; ports are 1 to 5 ASCII digits with a value of at most
+//!   65535 (leading zeros accepted, signs not); addresses must be of the
+//!   announced family (`TCP4` takes only dotted-quad IPv4 without leading
+//!   zeros, `TCP6` only IPv6). `PROXY UNKNOWN` may be followed by anything
+//!   except CR/LF up to the CRLF; its addresses are ignored (both `None`).
+//!   A bare LF, or a CR not followed by LF, is an error.
+//! - v2 `LOCAL`: the family byte, address block and TLVs are skipped by the
+//!   length field without being looked at (NLB health checks may send no
+//!   address block at all).
+//! - v2 `PROXY`: only TCP is accepted (UDP families are rejected); for
+//!   `AF_UNSPEC` and `AF_UNIX` the addresses are `None`. The bytes after the
+//!   family's address block (0 bytes for `AF_UNSPEC`) are parsed as TLVs for
+//!   every family. Only AWS type 0xEA subtype 0x01 (VPC endpoint id) is
+//!   interpreted; its value must be non-empty, graphic ASCII (0x21..=0x7E), and
+//!   it may appear at most once. CRC32C TLVs are not verified.
+//! - Errors are reported as early as possible, and feeding bytes one at a time
+//!   yields the same result (header or error) as parsing the whole buffer.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+/// Largest header accepted: v1 is at most 107 bytes ([`V1_MAX_LEN`]); a v2
+/// header (16-byte preamble + address block + TLVs) longer than this is
+/// rejected as [`HeaderError::TooLong`].
+///
+/// AWS NLB headers (IPv6 addresses plus the VPC endpoint TLV) stay well below
+/// 200 bytes, so 4 KiB leaves room for other senders' TLVs (SSL, CRC32C, ...)
+/// while bounding what a caller must buffer per connection before it can
+/// decide: the v2 length field alone would allow 65,551 bytes.
 pub const MAX_HEADER_LEN: usize = 4096;
+
+/// Longest v1 header, CRLF included, per the HAProxy specification.
+pub const V1_MAX_LEN: usize = 107;
+
+/// The 12-byte signature every v2 header starts with.
+pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+
+/// v1 headers start with this (including the space).
+const V1_PREFIX: &[u8; 6] = b"PROXY ";
+
+/// v2 preamble: signature, version/command, family/protocol, length.
+const V2_PREAMBLE_LEN: usize = 16;
+
+/// AWS TLV carrying VPC endpoint information; subtype 0x01 is the endpoint id.
+pub const PP2_TYPE_AWS: u8 = 0xEA;
+/// Subtype of [`PP2_TYPE_AWS`] whose remaining value is the VPC endpoint id.
+pub const PP2_SUBTYPE_AWS_VPCE_ID: u8 = 0x01;
+
+/// The v2 command. v1 headers are always [`Command::Proxy`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command { Local, Proxy }
+pub enum Command {
+    /// The connection was made by the proxy itself (e.g. a load balancer
+    /// health check); addresses, if any, are meaningless.
+    Local,
+    /// The connection is relayed on behalf of the client in `source`.
+    Proxy,
+}
+
+/// A parsed PROXY protocol header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// 1 or 2.
     pub version: u8,
+    /// v1 is always `Proxy` (v1 `UNKNOWN` is `Proxy` with both addresses `None`).
     pub command: Command,
+    /// The original client. `None` for `LOCAL`, v1 `UNKNOWN`, v2 `AF_UNSPEC`
+    /// and `AF_UNIX`: the socket peer is then the client.
     pub source: Option<SocketAddr>,
+    /// The address the client connected to; `None` exactly when `source` is.
     pub destination: Option<SocketAddr>,
+    /// AWS TLV 0xEA subtype 0x01: the VPC endpoint id the connection came
+    /// through, e.g. `vpce-0a1b2c3d4e5f67890`. Always `None` for v1 and `LOCAL`.
     pub vpc_endpoint: Option<String>,
 }
+
+/// Why the bytes received can never become a valid header.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HeaderError { #[error("not proxy")] NotProxy, #[error("too long")] TooLong }
-pub fn parse(_buf: &[u8]) -> Result<Option<(Header, usize)>, HeaderError> { todo!() }
-pub fn encode_v1(_addrs: Option<(SocketAddr, SocketAddr)>) -> Vec<u8> { todo!() }
-pub fn encode_v2(_command: Command, _addrs: Option<(SocketAddr, SocketAddr)>, _vpc_endpoint: Option<&str>, _extra_tlvs: &[(u8, &[u8])]) -> Vec<u8> { todo!() }
+pub enum HeaderError {
+    /// Neither a v1 (`PROXY `) nor a v2 signature.
+    #[error("connection did not start with a PROXY protocol header")]
+    NotProxy,
+    /// v1 line without CRLF within 107 bytes, or v2 header over `MAX_HEADER_LEN`.
+    #[error(
+        "PROXY protocol header too long (v1: no CRLF within 107 bytes; v2: over {MAX_HEADER_LEN} bytes)"
+    )]
+    TooLong,
+    /// v2 version nibble other than 2.
+    #[error("PROXY v2 header has unsupported version {0} (expected 2)")]
+    BadVersion(u8),
+    /// v2 command nibble other than 0 (LOCAL) or 1 (PROXY).
+    #[error("PROXY v2 header has unknown command {0} (expected 0 LOCAL or 1 PROXY)")]
+    BadCommand(u8),
+    /// v2 family/protocol byte that the specification does not define.
+    #[error("PROXY v2 header has invalid address family/protocol byte {0:#04x}")]
+    BadFamily(u8),
+    /// v2 `PROXY` header for a UDP (datagram) connection.
+    #[error(
+        "PROXY v2 header announces a UDP connection (family byte {0:#04x}); only TCP is supported"
+    )]
+    NotTcp(u8),
+    /// Syntax error (v1) or inconsistent structure (v2); the text says which.
+    #[error("malformed PROXY protocol header: {0}")]
+    Malformed(&'static str),
+    /// A v2 TLV that is truncated or not allowed; the text says which.
+    #[error("malformed PROXY v2 TLV: {0}")]
+    BadTlv(&'static str),
+    /// The AWS VPC endpoint id TLV is empty or not graphic ASCII.
+    #[error("AWS VPC endpoint id TLV (0xEA/0x01) is empty or not printable ASCII")]
+    BadVpcEndpoint,
+}
+
+/// Parse the start of `buf`.
+///
+/// - `Ok(None)`: the bytes so far are a valid prefix of a header; read more
+///   (the caller enforces a timeout, and at most [`MAX_HEADER_LEN`] bytes are
+///   ever needed).
+/// - `Ok(Some((header, consumed)))`: a complete header of `consumed` bytes
+///   (`consumed <= buf.len()`); bytes after it are payload, even if they are
+///   another header.
+/// - `Err(_)`: can never become a valid header; reject now. Errors are
+///   detected as soon as the offending byte is in `buf`.
+pub fn parse(buf: &[u8]) -> Result<Option<(Header, usize)>, HeaderError> {
+    match buf.first() {
+        None => Ok(None),
+        Some(b'P') => {
+            check_prefix(buf, V1_PREFIX)?;
+            if buf.len() < V1_PREFIX.len() {
+                return Ok(None);
+            }
+            parse_v1(buf)
+        }
+        Some(b'\r') => {
+            check_prefix(buf, &V2_SIGNATURE)?;
+            parse_v2(buf)
+        }
+        Some(_) => Err(HeaderError::NotProxy),
+    }
+}
+
+/// `Err(NotProxy)` unless `buf` and `expected` agree on their common length.
+fn check_prefix(buf: &[u8], expected: &[u8]) -> Result<(), HeaderError> {
+    let n = buf.len().min(expected.len());
+    if buf[..n] == expected[..n] {
+        Ok(())
+    } else {
+        Err(HeaderError::NotProxy)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// v1
+// ---------------------------------------------------------------------------
+
+/// `buf` starts with `"PROXY "`.
+fn parse_v1(buf: &[u8]) -> Result<Option<(Header, usize)>, HeaderError> {
+    let window = &buf[..buf.len().min(V1_MAX_LEN)];
+    let start = V1_PREFIX.len();
+    let lf = window[start..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map(|i| i + start);
+
+    match lf {
+        Some(i) if window[i - 1] == b'\r' => {
+            // window[start - 1] is the space, so the CR is at `start` or later.
+            let body = &window[start..i - 1];
+            match parse_v1_body(body, true)? {
+                Some(header) => Ok(Some((header, i + 1))),
+                None => Err(HeaderError::Malformed("v1: incomplete line")),
+            }
+        }
+        Some(i) => {
+            // Report a field error first if there is one before the LF, so the
+            // result does not depend on how the bytes were split into reads.
+            parse_v1_body(&window[start..i], false)?;
+            Err(HeaderError::Malformed(
+                "v1: line ends with LF instead of CRLF",
+            ))
+        }
+        None => {
+            let mut body = &window[start..];
+            if let Some((&b'\r', rest)) = body.split_last() {
+                body = rest; // may be the first half of the CRLF
+            }
+            parse_v1_body(body, false)?;
+            if buf.len() >= V1_MAX_LEN {
+                Err(HeaderError::TooLong)
+            } else {
+                Ok(None)
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum V1Proto {
+    Tcp4,
+    Tcp6,
+}
+
+/// Validate the text between `"PROXY "` and CRLF. With `complete == false`
+/// the body may be cut anywhere; the last field is then checked only as a
+/// prefix. Returns `Ok(None)` for a valid incomplete body.
+fn parse_v1_body(body: &[u8], complete: bool) -> Result<Option<Header>, HeaderError> {
+    let (proto, rest) = match body.iter().position(|&b| b == b' ') {
+        Some(sp) => (&body[..sp], Some(&body[sp + 1..])),
+        None => (body, None),
+    };
+
+    let proto_complete = rest.is_some() || complete;
+    let proto = match proto {
+        b"TCP4" if proto_complete => V1Proto::Tcp4,
+        b"TCP6" if proto_complete => V1Proto::Tcp6,
+        b"UNKNOWN" if proto_complete => {
+            if rest.is_some_and(|r| r.contains(&b'\r')) {
+                return Err(HeaderError::Malformed("v1: CR inside the line"));
+            }
+            return Ok(complete.then_some(Header {
+                version: 1,
+                command: Command::Proxy,
+                source: None,
+                destination: None,
+                vpc_endpoint: None,
+            }));
+        }
+        p if !proto_complete
+            && [&b"TCP4"[..], b"TCP6", b"UNKNOWN"]
+                .iter()
+                .any(|known| known.starts_with(p)) =>
+        {
+            return Ok(None);
+        }
+        _ => {
+            return Err(HeaderError::Malformed(
+                "v1: protocol is not TCP4, TCP6 or UNKNOWN",
+            ))
+        }
+    };
+
+    let Some(rest) = rest else {
+        // "TCP4" / "TCP6" followed directly by CRLF.
+        return if complete {
+            Err(HeaderError::Malformed("v1: missing fields"))
+        } else {
+            Ok(None)
+        };
+    };
+
+    let count = rest.iter().filter(|&&b| b == b' ').count() + 1;
+    let mut fields: [&[u8]; 4] = [&[]; 4];
+    for (i, field) in rest.split(|&b| b == b' ').enumerate() {
+        if i >= fields.len() {
+            return Err(HeaderError::Malformed("v1: too many fields"));
+        }
+        let partial = !complete && i == count - 1;
+        if field.is_empty() && !partial {
+            return Err(HeaderError::Malformed(
+                "v1: empty field (fields are separated by exactly one space)",
+            ));
+        }
+        match i {
+            0 | 1 => check_v1_addr(field, proto, i == 0, partial)?,
+            _ => check_v1_port(field, i == 2, partial).map(|_| ())?,
+        }
+        fields[i] = field;
+    }
+    if !complete {
+        return Ok(None);
+    }
+    if count < fields.len() {
+        return Err(HeaderError::Malformed("v1: missing fields"));
+    }
+
+    let [src, dst, sport, dport] = fields;
+    let src = v1_addr(src, proto, true)?;
+    let dst = v1_addr(dst, proto, false)?;
+    let sport = check_v1_port(sport, true, false)?;
+    let dport = check_v1_port(dport, false, false)?;
+    Ok(Some(Header {
+        version: 1,
+        command: Command::Proxy,
+        source: Some(SocketAddr::new(src, sport)),
+        destination: Some(SocketAddr::new(dst, dport)),
+        vpc_endpoint: None,
+    }))
+}
+
+fn v1_addr_error(proto: V1Proto, source: bool) -> HeaderError {
+    HeaderError::Malformed(match (proto, source) {
+        (V1Proto::Tcp4, true) => "v1: source address is not a valid TCP4 (IPv4) address",
+        (V1Proto::Tcp4, false) => "v1: destination address is not a valid TCP4 (IPv4) address",
+        (V1Proto::Tcp6, true) => "v1: source address is not a valid TCP6 (IPv6) address",
+        (V1Proto::Tcp6, false) => "v1: destination address is not a valid TCP6 (IPv6) address",
+    })
+}
+
+/// Check an address field; a `partial` one only for characters and length.
+fn check_v1_addr(
+    field: &[u8],
+    proto: V1Proto,
+    source: bool,
+    partial: bool,
+) -> Result<(), HeaderError> {
+    if partial {
+        let ok = match proto {
+            V1Proto::Tcp4 => {
+                field.len() <= 15 && field.iter().all(|b| b.is_ascii_digit() || *b == b'.')
+            }
+            // Longest textual IPv6 form: six groups plus an embedded IPv4.
+            V1Proto::Tcp6 => {
+                field.len() <= 45
+                    && field
+                        .iter()
+                        .all(|b| b.is_ascii_hexdigit() || *b == b':' || *b == b'.')
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(v1_addr_error(proto, source))
+        }
+    } else {
+        v1_addr(field, proto, source).map(|_| ())
+    }
+}
+
+fn v1_addr(field: &[u8], proto: V1Proto, source: bool) -> Result<IpAddr, HeaderError> {
+    let err = || v1_addr_error(proto, source);
+    let text = std::str::from_utf8(field).map_err(|_| err())?;
+    match proto {
+        V1Proto::Tcp4 => text.parse::<Ipv4Addr>().map(IpAddr::V4).map_err(|_| err()),
+        V1Proto::Tcp6 => text.parse::<Ipv6Addr>().map(IpAddr::V6).map_err(|_| err()),
+    }
+}
+
+/// A port is 1 to 5 ASCII digits with a value of at most 65535. A `partial`
+/// field may also be empty. Returns the value (meaningless when partial).
+fn check_v1_port(field: &[u8], source: bool, partial: bool) -> Result<u16, HeaderError> {
+    let err = || {
+        HeaderError::Malformed(if source {
+            "v1: source port is not a decimal number from 0 to 65535"
+        } else {
+            "v1: destination port is not a decimal number from 0 to 65535"
+        })
+    };
+    if field.len() > 5 || (field.is_empty() && !partial) {
+        return Err(err());
+    }
+    let mut value: u32 = 0;
+    for &b in field {
+        if !b.is_ascii_digit() {
+            return Err(err());
+        }
+        value = value * 10 + u32::from(b - b'0');
+    }
+    u16::try_from(value).map_err(|_| err())
+}
+
+// ---------------------------------------------------------------------------
+// v2
+// ---------------------------------------------------------------------------
+
+/// `buf` agrees with the v2 signature on its first `min(len, 12)` bytes.
+fn parse_v2(buf: &[u8]) -> Result<Option<(Header, usize)>, HeaderError> {
+    let Some(&ver_cmd) = buf.get(12) else {
+        return Ok(None);
+    };
+    let version = ver_cmd >> 4;
+    if version != 2 {
+        return Err(HeaderError::BadVersion(version));
+    }
+    let command = match ver_cmd & 0x0F {
+        0 => Command::Local,
+        1 => Command::Proxy,
+        other => return Err(HeaderError::BadCommand(other)),
+    };
+
+    let Some(&family) = buf.get(13) else {
+        return Ok(None);
+    };
+    // Bytes of the address block the family needs (LOCAL ignores the family).
+    let addr_len = match command {
+        Command::Local => 0,
+        Command::Proxy => match family {
+            0x00 => 0,
+            0x11 => 12,
+            0x21 => 36,
+            0x31 => 216,
+            0x12 | 0x22 | 0x32 => return Err(HeaderError::NotTcp(family)),
+            other => return Err(HeaderError::BadFamily(other)),
+        },
+    };
+
+    let (Some(&hi), Some(&lo)) = (buf.get(14), buf.get(15)) else {
+        return Ok(None);
+    };
+    let block_len = usize::from(u16::from_be_bytes([hi, lo]));
+    let total = V2_PREAMBLE_LEN + block_len;
+    if total > MAX_HEADER_LEN {
+        return Err(HeaderError::TooLong);
+    }
+    if block_len < addr_len {
+        return Err(HeaderError::Malformed(
+            "v2: length is shorter than the address family requires",
+        ));
+    }
+    let Some(block) = buf.get(V2_PREAMBLE_LEN..total) else {
+        return Ok(None);
+    };
+
+    if command == Command::Local {
+        let header = Header {
+            version: 2,
+            command,
+            source: None,
+            destination: None,
+            vpc_endpoint: None,
+        };
+        return Ok(Some((header, total)));
+    }
+
+    let Some((addrs, tlvs)) = block.split_at_checked(addr_len) else {
+        return Err(HeaderError::Malformed("v2: short address block"));
+    };
+    let (source, destination) = match family {
+        0x11 => {
+            let (src, dst, sport, dport) = v2_addr_fields::<4>(addrs)?;
+            (
+                Some(SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::from(src),
+                    sport,
+                ))),
+                Some(SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::from(dst),
+                    dport,
+                ))),
+            )
+        }
+        0x21 => {
+            let (src, dst, sport, dport) = v2_addr_fields::<16>(addrs)?;
+            (
+                Some(SocketAddr::V6(SocketAddrV6::new(
+                    Ipv6Addr::from(src),
+                    sport,
+                    0,
+                    0,
+                ))),
+                Some(SocketAddr::V6(SocketAddrV6::new(
+                    Ipv6Addr::from(dst),
+                    dport,
+                    0,
+                    0,
+                ))),
+            )
+        }
+        _ => (None, None), // AF_UNSPEC, AF_UNIX
+    };
+
+    let vpc_endpoint = parse_tlvs(tlvs)?;
+    let header = Header {
+        version: 2,
+        command,
+        source,
+        destination,
+        vpc_endpoint,
+    };
+    Ok(Some((header, total)))
+}
+
+/// Split a v2 address block of `2 * N + 4` bytes into its four fields.
+fn v2_addr_fields<const N: usize>(
+    addrs: &[u8],
+) -> Result<([u8; N], [u8; N], u16, u16), HeaderError> {
+    let err = || HeaderError::Malformed("v2: short address block");
+    let array = |from: usize| -> Result<[u8; N], HeaderError> {
+        addrs
+            .get(from..from + N)
+            .and_then(|s| <[u8; N]>::try_from(s).ok())
+            .ok_or_else(err)
+    };
+    let port = |from: usize| -> Result<u16, HeaderError> {
+        addrs
+            .get(from..from + 2)
+            .and_then(|s| <[u8; 2]>::try_from(s).ok())
+            .map(u16::from_be_bytes)
+            .ok_or_else(err)
+    };
+    Ok((array(0)?, array(N)?, port(2 * N)?, port(2 * N + 2)?))
+}
+
+/// Walk the TLVs; return the AWS VPC endpoint id if present.
+fn parse_tlvs(mut tlvs: &[u8]) -> Result<Option<String>, HeaderError> {
+    let mut vpc_endpoint = None;
+    while let Some((&kind, rest)) = tlvs.split_first() {
+        let Some((len, rest)) = rest.split_first_chunk::<2>() else {
+            return Err(HeaderError::BadTlv(
+                "TLV header runs past the end of the header",
+            ));
+        };
+        let len = usize::from(u16::from_be_bytes(*len));
+        if rest.len() < len {
+            return Err(HeaderError::BadTlv(
+                "TLV value runs past the end of the header",
+            ));
+        }
+        let (value, rest) = rest.split_at(len);
+        if kind == PP2_TYPE_AWS {
+            if let Some((&PP2_SUBTYPE_AWS_VPCE_ID, id)) = value.split_first() {
+                if vpc_endpoint.is_some() {
+                    return Err(HeaderError::BadTlv("more than one AWS VPC endpoint id TLV"));
+                }
+                if id.is_empty() || !id.iter().all(u8::is_ascii_graphic) {
+                    return Err(HeaderError::BadVpcEndpoint);
+                }
+                // Graphic ASCII is valid UTF-8.
+                vpc_endpoint = Some(String::from_utf8_lossy(id).into_owned());
+            }
+        }
+        tlvs = rest;
+    }
+    Ok(vpc_endpoint)
+}
+
+// ---------------------------------------------------------------------------
+// Encoders
+// ---------------------------------------------------------------------------
+
+/// Encode a v1 header. `None`, or addresses of different families, give
+/// `PROXY UNKNOWN\r\n`. IPv6 flow info and scope ids are not representable
+/// and are dropped.
+pub fn encode_v1(addrs: Option<(SocketAddr, SocketAddr)>) -> Vec<u8> {
+    let line = match addrs {
+        Some((SocketAddr::V4(s), SocketAddr::V4(d))) => format!(
+            "PROXY TCP4 {} {} {} {}\r\n",
+            s.ip(),
+            d.ip(),
+            s.port(),
+            d.port()
+        ),
+        Some((SocketAddr::V6(s), SocketAddr::V6(d))) => format!(
+            "PROXY TCP6 {} {} {} {}\r\n",
+            s.ip(),
+            d.ip(),
+            s.port(),
+            d.port()
+        ),
+        _ => "PROXY UNKNOWN\r\n".to_owned(),
+    };
+    line.into_bytes()
+}
+
+/// Encode a v2 header: TCP over IPv4 or IPv6 for `Some` addresses of one
+/// family, `AF_UNSPEC` with no address block for `None` or mixed families.
+/// The addresses are written for `LOCAL` too when given. The VPC endpoint id
+/// (written verbatim, unvalidated) comes first as TLV 0xEA/0x01, followed by
+/// `extra_tlvs` in order.
+///
+/// # Panics
+///
+/// If a TLV value is longer than 65535 bytes or the block after the 16-byte
+/// preamble is (the format cannot express it); callers pass test data.
+pub fn encode_v2(
+    command: Command,
+    addrs: Option<(SocketAddr, SocketAddr)>,
+    vpc_endpoint: Option<&str>,
+    extra_tlvs: &[(u8, &[u8])],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(V2_PREAMBLE_LEN + 36 + 64);
+    out.extend_from_slice(&V2_SIGNATURE);
+    out.push(
+        0x20 | match command {
+            Command::Local => 0,
+            Command::Proxy => 1,
+        },
+    );
+    let mut block = Vec::new();
+    let family = match addrs {
+        Some((SocketAddr::V4(s), SocketAddr::V4(d))) => {
+            block.extend_from_slice(&s.ip().octets());
+            block.extend_from_slice(&d.ip().octets());
+            block.extend_from_slice(&s.port().to_be_bytes());
+            block.extend_from_slice(&d.port().to_be_bytes());
+            0x11
+        }
+        Some((SocketAddr::V6(s), SocketAddr::V6(d))) => {
+            block.extend_from_slice(&s.ip().octets());
+            block.extend_from_slice(&d.ip().octets());
+            block.extend_from_slice(&s.port().to_be_bytes());
+            block.extend_from_slice(&d.port().to_be_bytes());
+            0x21
+        }
+        _ => 0x00,
+    };
+    out.push(family);
+
+    let mut tlv = |kind: u8, parts: &[&[u8]]| {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let len = u16::try_from(len).expect("PROXY v2 TLV value longer than 65535 bytes");
+        block.push(kind);
+        block.extend_from_slice(&len.to_be_bytes());
+        for part in parts {
+            block.extend_from_slice(part);
+        }
+    };
+    if let Some(id) = vpc_endpoint {
+        tlv(PP2_TYPE_AWS, &[&[PP2_SUBTYPE_AWS_VPCE_ID], id.as_bytes()]);
+    }
+    for (kind, value) in extra_tlvs {
+        tlv(*kind, &[value]);
+    }
+
+    let len = u16::try_from(block.len()).expect("PROXY v2 block longer than 65535 bytes");
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&block);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn hdr(
+        version: u8,
+        command: Command,
+        addrs: Option<(&str, &str)>,
+        vpc: Option<&str>,
+    ) -> Header {
+        Header {
+            version,
+            command,
+            source: addrs.map(|(s, _)| sa(s)),
+            destination: addrs.map(|(_, d)| sa(d)),
+            vpc_endpoint: vpc.map(str::to_owned),
+        }
+    }
+
+    /// Feed `bytes` one byte at a time until `parse` decides.
+    fn feed(bytes: &[u8]) -> Result<Option<(Header, usize)>, HeaderError> {
+        for n in 0..=bytes.len() {
+            match parse(&bytes[..n]) {
+                Ok(None) => continue,
+                decided => return decided,
+            }
+        }
+        Ok(None)
+    }
+
+    /// The properties every input must satisfy, whatever its verdict.
+    fn check_consistency(bytes: &[u8]) {
+        let full = parse(bytes);
+        assert_eq!(feed(bytes), full, "byte-by-byte differs for {bytes:?}");
+        if let Ok(Some((_, n))) = &full {
+            assert!(*n <= bytes.len());
+            for k in 0..*n {
+                assert_eq!(parse(&bytes[..k]), Ok(None), "prefix {k} of {bytes:?}");
+            }
+        }
+    }
+
+    fn ok(bytes: &[u8], expected: Header) {
+        check_consistency(bytes);
+        assert_eq!(parse(bytes), Ok(Some((expected, bytes.len()))), "{bytes:?}");
+    }
+
+    fn err(bytes: &[u8], expected: HeaderError) {
+        check_consistency(bytes);
+        assert_eq!(
+            parse(bytes),
+            Err(expected),
+            "{:?}",
+            String::from_utf8_lossy(bytes)
+        );
+    }
+
+    fn malformed(bytes: &[u8]) {
+        check_consistency(bytes);
+        assert!(
+            matches!(parse(bytes), Err(HeaderError::Malformed(_))),
+            "{:?} => {:?}",
+            String::from_utf8_lossy(bytes),
+            parse(bytes)
+        );
+    }
+
+    const VPCE: &str = "vpce-0a1b2c3d4e5f67890";
+
+    #[test]
+    fn v1_valid() {
+        let v4 = Some(("192.168.0.1:56324", "10.0.0.5:443"));
+        ok(
+            b"PROXY TCP4 192.168.0.1 10.0.0.5 56324 443\r\n",
+            hdr(1, Command::Proxy, v4, None),
+        );
+        ok(
+            b"PROXY TCP6 2001:db8::1 ::1 65535 0\r\n",
+            hdr(
+                1,
+                Command::Proxy,
+                Some(("[2001:db8::1]:65535", "[::1]:0")),
+                None,
+            ),
+        );
+        ok(
+            b"PROXY TCP6 ::ffff:10.1.2.3 fe80::a:b 1 2\r\n",
+            hdr(
+                1,
+                Command::Proxy,
+                Some(("[::ffff:10.1.2.3]:1", "[fe80::a:b]:2")),
+                None,
+            ),
+        );
+        ok(b"PROXY UNKNOWN\r\n", hdr(1, Command::Proxy, None, None));
+        ok(
+            b"PROXY UNKNOWN ffff:f:f:f:f:f:f:f ffff:f:f:f:f:f:f:f 65535 65535\r\n",
+            hdr(1, Command::Proxy, None, None),
+        );
+        ok(
+            b"PROXY UNKNOWN \x00junk  x\r\n",
+            hdr(1, Command::Proxy, None, None),
+        );
+        // Leading zeros in ports are accepted (value still <= 65535).
+        ok(
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 00080 0\r\n",
+            hdr(1, Command::Proxy, Some(("1.2.3.4:80", "5.6.7.8:0")), None),
+        );
+        // Longest legal line: exactly 107 bytes.
+        let line = format!(
+            "PROXY TCP6 {0} {0} 65535 65535\r\n",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+        );
+        assert_eq!(line.len(), V1_MAX_LEN - 3);
+        ok(
+            line.as_bytes(),
+            hdr(
+                1,
+                Command::Proxy,
+                Some((
+                    "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535",
+                    "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535",
+                )),
+                None,
+            ),
+        );
+        let unknown = format!(
+            "PROXY UNKNOWN {0} {0} 65535 65535\r\n",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+        );
+        assert_eq!(unknown.len(), V1_MAX_LEN);
+        ok(unknown.as_bytes(), hdr(1, Command::Proxy, None, None));
+    }
+
+    #[test]
+    fn v1_invalid() {
+        let cases: &[&[u8]] = &[
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 65536\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 1\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 -1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 000080 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 \r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 \r\n",
+            b"PROXY TCP4 1.2.3.4  5.6.7.8 1 2\r\n",
+            b"PROXY  TCP4 1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r2\r\n",
+            b"PROXY TCP4 1.2.3.256 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 1.2.3 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 01.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 ::1 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 ::1 1 2\r\n",
+            b"PROXY TCP6 1.2.3.4 ::1 1 2\r\n",
+            b"PROXY TCP6 ::1 1.2.3.4 1 2\r\n",
+            b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n",
+            b"PROXY TCP6 ::g ::1 1 2\r\n",
+            b"PROXY TCP4\r\n",
+            b"PROXY TCP4 \r\n",
+            b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY tcp4 1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY UNKNOWNX\r\n",
+            b"PROXY UNKNOWN\n",
+            b"PROXY UNKNOWN x\ry\r\n",
+            b"PROXY \r\n",
+            b"PROXY UNKNOWN\rX",
+        ];
+        for case in cases {
+            malformed(case);
+        }
+    }
+
+    #[test]
+    fn v1_early_rejection() {
+        // Decided before any CRLF arrives.
+        for bytes in [
+            &b"PROXY X"[..],
+            b"PROXY TCP4 1.2.3.4a",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 123456",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 70000",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 ",
+            b"PROXY TCP4  ",
+        ] {
+            malformed(bytes);
+        }
+        for bytes in [
+            &b"XPROXY"[..],
+            b"PROXX",
+            b"GET / HTTP/1.1\r\n",
+            b"proxy ",
+            b"\x16\x03\x01",
+        ] {
+            err(bytes, HeaderError::NotProxy);
+        }
+        // No CRLF within 107 bytes.
+        let mut long = b"PROXY UNKNOWN ".to_vec();
+        long.resize(V1_MAX_LEN, b'x');
+        err(&long, HeaderError::TooLong);
+        long.extend_from_slice(b"\r\n");
+        err(&long, HeaderError::TooLong);
+        // CRLF ending at byte 108.
+        let mut long = b"PROXY UNKNOWN ".to_vec();
+        long.resize(V1_MAX_LEN - 1, b'x');
+        long.extend_from_slice(b"\r\n");
+        err(&long, HeaderError::TooLong);
+        // Valid prefixes stay undecided.
+        for bytes in [
+            &b""[..],
+            b"P",
+            b"PROXY",
+            b"PROXY ",
+            b"PROXY T",
+            b"PROXY UNK",
+            b"PROXY TCP6 ",
+            b"PROXY TCP6 ::",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 6553",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r",
+        ] {
+            assert_eq!(parse(bytes), Ok(None), "{bytes:?}");
+        }
+    }
+
+    fn v2_raw(ver_cmd: u8, family: u8, block: &[u8]) -> Vec<u8> {
+        let mut v = V2_SIGNATURE.to_vec();
+        v.push(ver_cmd);
+        v.push(family);
+        v.extend_from_slice(&(block.len() as u16).to_be_bytes());
+        v.extend_from_slice(block);
+        v
+    }
+
+    fn v4_block() -> Vec<u8> {
+        let mut b = vec![10, 0, 1, 2, 172, 31, 31, 84];
+        b.extend_from_slice(&40000u16.to_be_bytes());
+        b.extend_from_slice(&8022u16.to_be_bytes());
+        b
+    }
+
+    fn aws_tlv(id: &[u8]) -> Vec<u8> {
+        let mut t = vec![0xEA];
+        t.extend_from_slice(&(id.len() as u16 + 1).to_be_bytes());
+        t.push(0x01);
+        t.extend_from_slice(id);
+        t
+    }
+
+    #[test]
+    fn v2_valid() {
+        let v4 = Some(("10.0.1.2:40000", "172.31.31.84:8022"));
+        ok(
+            &v2_raw(0x21, 0x11, &v4_block()),
+            hdr(2, Command::Proxy, v4, None),
+        );
+
+        let mut block = v4_block();
+        block.extend_from_slice(&aws_tlv(VPCE.as_bytes()));
+        ok(
+            &v2_raw(0x21, 0x11, &block),
+            hdr(2, Command::Proxy, v4, Some(VPCE)),
+        );
+
+        // Other TLVs (NOOP, ALPN, CRC32C with a wrong value, SSL, AWS with
+        // another subtype, empty AWS) are skipped around the endpoint id.
+        let mut block = v4_block();
+        block.extend_from_slice(&[0x04, 0, 3, 0, 0, 0]); // NOOP
+        block.extend_from_slice(&[0x01, 0, 2, b'h', b'2']); // ALPN
+        block.extend_from_slice(&[0x03, 0, 4, 1, 2, 3, 4]); // CRC32C (unchecked)
+        block.extend_from_slice(&[0xEA, 0, 3, 0x02, b'x', 0xFF]); // AWS, other subtype
+        block.extend_from_slice(&[0xEA, 0, 0]); // AWS, no subtype
+        block.extend_from_slice(&aws_tlv(VPCE.as_bytes()));
+        block.extend_from_slice(&[0x20, 0, 5, 1, 0, 0, 0, 0]); // SSL
+        block.extend_from_slice(&[0x30, 0, 0]); // NETNS, empty
+        ok(
+            &v2_raw(0x21, 0x11, &block),
+            hdr(2, Command::Proxy, v4, Some(VPCE)),
+        );
+
+        let mut block = vec![0x20, 0x01, 0x0d, 0xb8];
+        block.extend_from_slice(&[0; 11]);
+        block.push(1);
+        block.extend_from_slice(&[0; 15]);
+        block.push(2);
+        block.extend_from_slice(&[0xFF, 0xFF, 0, 22]);
+        ok(
+            &v2_raw(0x21, 0x21, &block),
+            hdr(
+                2,
+                Command::Proxy,
+                Some(("[2001:db8::1]:65535", "[::2]:22")),
+                None,
+            ),
+        );
+
+        // PROXY with AF_UNSPEC or AF_UNIX: no addresses; TLVs still read.
+        ok(&v2_raw(0x21, 0x00, &[]), hdr(2, Command::Proxy, None, None));
+        ok(
+            &v2_raw(0x21, 0x00, &aws_tlv(VPCE.as_bytes())),
+            hdr(2, Command::Proxy, None, Some(VPCE)),
+        );
+        let mut unix = vec![b'/'; 216];
+        unix.extend_from_slice(&[0x04, 0, 0]);
+        ok(
+            &v2_raw(0x21, 0x31, &unix),
+            hdr(2, Command::Proxy, None, None),
+        );
+    }
+
+    #[test]
+    fn v2_local() {
+        let local = hdr(2, Command::Local, None, None);
+        // NLB HTTP health check: no address block.
+        ok(&v2_raw(0x20, 0x00, &[]), local.clone());
+        ok(&v2_raw(0x20, 0x11, &[]), local.clone());
+        ok(&v2_raw(0x20, 0x11, &v4_block()), local.clone());
+        // Family, address block and TLVs are not looked at.
+        ok(&v2_raw(0x20, 0x12, &[1, 2, 3]), local.clone());
+        ok(&v2_raw(0x20, 0xFF, &[0xEA, 0xFF, 0xFF]), local.clone());
+        let mut block = v4_block();
+        block.extend_from_slice(&aws_tlv(b"bad id"));
+        ok(&v2_raw(0x20, 0x11, &block), local);
+    }
+
+    #[test]
+    fn v2_invalid() {
+        let v4 = v4_block();
+        err(&v2_raw(0x11, 0x11, &v4), HeaderError::BadVersion(1));
+        err(&v2_raw(0x31, 0x11, &v4), HeaderError::BadVersion(3));
+        err(&v2_raw(0x22, 0x11, &v4), HeaderError::BadCommand(2));
+        err(&v2_raw(0x2F, 0x11, &v4), HeaderError::BadCommand(15));
+        for fam in [0x12, 0x22, 0x32] {
+            err(&v2_raw(0x21, fam, &v4), HeaderError::NotTcp(fam));
+        }
+        for fam in [0x01, 0x10, 0x13, 0x41, 0xFF, 0x02] {
+            err(&v2_raw(0x21, fam, &v4), HeaderError::BadFamily(fam));
+        }
+        // Address block shorter than the family needs.
+        malformed(&v2_raw(0x21, 0x11, &v4[..11]));
+        malformed(&v2_raw(0x21, 0x21, &[0; 35]));
+        malformed(&v2_raw(0x21, 0x31, &[0; 215]));
+        // TLVs running past the end.
+        for tail in [
+            &[0xEA][..],
+            &[0x04, 0],
+            &[0x04, 0, 1],
+            &[0xEA, 0, 30, 1, b'v'],
+        ] {
+            let mut block = v4.clone();
+            block.extend_from_slice(tail);
+            let bytes = v2_raw(0x21, 0x11, &block);
+            check_consistency(&bytes);
+            assert!(
+                matches!(parse(&bytes), Err(HeaderError::BadTlv(_))),
+                "{tail:?}"
+            );
+        }
+        // Bad endpoint ids.
+        for id in [
+            &b""[..],
+            b"vpce 123",
+            b"vpce-\x00",
+            b"vpce-\xc3\xa9",
+            b"\x7f",
+        ] {
+            let mut block = v4.clone();
+            block.extend_from_slice(&aws_tlv(id));
+            err(&v2_raw(0x21, 0x11, &block), HeaderError::BadVpcEndpoint);
+        }
+        // Two endpoint ids.
+        let mut block = v4.clone();
+        block.extend_from_slice(&aws_tlv(VPCE.as_bytes()));
+        block.extend_from_slice(&aws_tlv(VPCE.as_bytes()));
+        let bytes = v2_raw(0x21, 0x11, &block);
+        check_consistency(&bytes);
+        assert!(matches!(parse(&bytes), Err(HeaderError::BadTlv(_))));
+        // Signature mismatch.
+        err(b"\r\n\r\n\0\r\nQUIX", HeaderError::NotProxy);
+        err(b"\r\r", HeaderError::NotProxy);
+    }
+
+    #[test]
+    fn v2_too_long_decided_at_preamble() {
+        let mut preamble = V2_SIGNATURE.to_vec();
+        preamble.extend_from_slice(&[0x21, 0x11]);
+        let max_block = (MAX_HEADER_LEN - V2_PREAMBLE_LEN) as u16;
+        let mut over = preamble.clone();
+        over.extend_from_slice(&(max_block + 1).to_be_bytes());
+        assert_eq!(parse(&over), Err(HeaderError::TooLong));
+        let mut huge = preamble.clone();
+        huge.extend_from_slice(&[0xFF, 0xFF]);
+        assert_eq!(parse(&huge), Err(HeaderError::TooLong));
+        // LOCAL too.
+        huge[12] = 0x20;
+        assert_eq!(parse(&huge), Err(HeaderError::TooLong));
+        // Exactly MAX_HEADER_LEN is fine.
+        let mut block = v4_block();
+        let pad = usize::from(max_block) - block.len() - 3;
+        block.extend_from_slice(&[0x04]);
+        block.extend_from_slice(&(pad as u16).to_be_bytes());
+        block.resize(usize::from(max_block), 0);
+        let bytes = v2_raw(0x21, 0x11, &block);
+        assert_eq!(bytes.len(), MAX_HEADER_LEN);
+        assert!(matches!(parse(&bytes), Ok(Some((_, MAX_HEADER_LEN)))));
+        assert_eq!(parse(&bytes[..MAX_HEADER_LEN - 1]), Ok(None));
+    }
+
+    #[test]
+    fn only_first_header_counts() {
+        let first = encode_v2(
+            Command::Proxy,
+            Some((sa("10.0.0.1:1000"), sa("10.0.0.2:22"))),
+            Some(VPCE),
+            &[],
+        );
+        let second = encode_v2(
+            Command::Proxy,
+            Some((sa("6.6.6.6:1"), sa("6.6.6.7:2"))),
+            Some("vpce-evil"),
+            &[],
+        );
+        let mut bytes = first.clone();
+        bytes.extend_from_slice(&second);
+        bytes.extend_from_slice(b"SSH-2.0-OpenSSH_9.6\r\n");
+        let (h, n) = parse(&bytes).unwrap().unwrap();
+        assert_eq!(n, first.len());
+        assert_eq!(h.source, Some(sa("10.0.0.1:1000")));
+        assert_eq!(h.vpc_endpoint.as_deref(), Some(VPCE));
+
+        let v1 = b"PROXY TCP4 1.1.1.1 2.2.2.2 1 2\r\n";
+        let mut bytes = v1.to_vec();
+        bytes.extend_from_slice(b"PROXY TCP4 3.3.3.3 4.4.4.4 3 4\r\n");
+        let (h, n) = parse(&bytes).unwrap().unwrap();
+        assert_eq!(n, v1.len());
+        assert_eq!(h.source, Some(sa("1.1.1.1:1")));
+        // Payload right after a v1 header, without waiting for more.
+        let mut bytes = v1.to_vec();
+        bytes.push(0);
+        assert_eq!(parse(&bytes).unwrap().unwrap().1, v1.len());
+    }
+
+    #[test]
+    fn encoders() {
+        assert_eq!(encode_v1(None), b"PROXY UNKNOWN\r\n");
+        assert_eq!(
+            encode_v1(Some((sa("1.2.3.4:5"), sa("[::1]:6")))),
+            b"PROXY UNKNOWN\r\n"
+        );
+        assert_eq!(
+            encode_v1(Some((sa("1.2.3.4:5"), sa("5.6.7.8:6")))),
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 5 6\r\n"
+        );
+        let mixed = encode_v2(
+            Command::Proxy,
+            Some((sa("1.2.3.4:5"), sa("[::1]:6"))),
+            None,
+            &[],
+        );
+        assert_eq!(mixed, v2_raw(0x21, 0x00, &[]));
+        let local = encode_v2(Command::Local, None, None, &[]);
+        assert_eq!(local, v2_raw(0x20, 0x00, &[]));
+    }
+
+    #[test]
+    fn error_messages_are_readable() {
+        assert_eq!(
+            HeaderError::NotProxy.to_string(),
+            "connection did not start with a PROXY protocol header"
+        );
+        assert_eq!(
+            HeaderError::BadFamily(0x41).to_string(),
+            "PROXY v2 header has invalid address family/protocol byte 0x41"
+        );
+        assert!(HeaderError::TooLong.to_string().contains("4096"));
+    }
+
+    fn arb_pair() -> impl Strategy<Value = (SocketAddr, SocketAddr)> {
+        prop_oneof![
+            (
+                any::<[u8; 4]>(),
+                any::<u16>(),
+                any::<[u8; 4]>(),
+                any::<u16>()
+            )
+                .prop_map(|(s, sp, d, dp)| {
+                    (
+                        SocketAddr::from((Ipv4Addr::from(s), sp)),
+                        SocketAddr::from((Ipv4Addr::from(d), dp)),
+                    )
+                }),
+            (
+                any::<[u8; 16]>(),
+                any::<u16>(),
+                any::<[u8; 16]>(),
+                any::<u16>()
+            )
+                .prop_map(|(s, sp, d, dp)| {
+                    (
+                        SocketAddr::from((Ipv6Addr::from(s), sp)),
+                        SocketAddr::from((Ipv6Addr::from(d), dp)),
+                    )
+                }),
+        ]
+    }
+
+    fn arb_vpce() -> impl Strategy<Value = Option<String>> {
+        proptest::option::of(
+            proptest::collection::vec(proptest::sample::select(b"0123456789abcdef".to_vec()), 17)
+                .prop_map(|hex| format!("vpce-{}", String::from_utf8(hex).unwrap())),
+        )
+    }
+
+    fn arb_tlvs() -> impl Strategy<Value = Vec<(u8, Vec<u8>)>> {
+        proptest::collection::vec(
+            (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..40)),
+            0..6,
+        )
+        .prop_map(|tlvs| {
+            tlvs.into_iter()
+                .map(|(kind, mut value)| {
+                    // Keep the endpoint id TLV unique: other AWS subtypes only.
+                    if kind == PP2_TYPE_AWS && value.first() == Some(&PP2_SUBTYPE_AWS_VPCE_ID) {
+                        value[0] = 0x02;
+                    }
+                    (kind, value)
+                })
+                .collect()
+        })
+    }
+
+    /// Byte strings that look enough like headers to get past the signature.
+    fn arb_near_header() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..600),
+            (
+                proptest::sample::select(vec![
+                    &b"PROXY "[..],
+                    b"PROXY TCP4 ",
+                    b"PROXY TCP6 ",
+                    b"PROXY UNKNOWN",
+                ]),
+                proptest::collection::vec(
+                    proptest::sample::select(b"0123456789abcdef.: \r\nTCPUNKOW".to_vec()),
+                    0..120,
+                ),
+            )
+                .prop_map(|(head, tail)| [head, &tail].concat()),
+            (
+                any::<u8>(),
+                any::<u8>(),
+                0u16..600,
+                proptest::collection::vec(any::<u8>(), 0..600),
+            )
+                .prop_map(|(vc, fam, len, rest)| {
+                    let mut v = V2_SIGNATURE.to_vec();
+                    v.extend_from_slice(&[vc, fam]);
+                    v.extend_from_slice(&len.to_be_bytes());
+                    v.extend_from_slice(&rest);
+                    v
+                }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in arb_near_header()) {
+            if let Ok(Some((_, n))) = parse(&bytes) {
+                prop_assert!(n <= bytes.len());
+            }
+            check_consistency(&bytes);
+        }
+
+        #[test]
+        fn v2_round_trip(
+            proxy in any::<bool>(),
+            addrs in proptest::option::of(arb_pair()),
+            vpce in arb_vpce(),
+            tlvs in arb_tlvs(),
+            payload in proptest::collection::vec(any::<u8>(), 0..20),
+        ) {
+            let command = if proxy { Command::Proxy } else { Command::Local };
+            let tlv_refs: Vec<(u8, &[u8])> = tlvs.iter().map(|(k, v)| (*k, &v[..])).collect();
+            let encoded = encode_v2(command.clone(), addrs, vpce.as_deref(), &tlv_refs);
+            let expected = if proxy {
+                Header {
+                    version: 2,
+                    command,
+                    source: addrs.map(|a| a.0),
+                    destination: addrs.map(|a| a.1),
+                    vpc_endpoint: vpce,
+                }
+            } else {
+                hdr(2, Command::Local, None, None)
+            };
+            let mut bytes = encoded.clone();
+            bytes.extend_from_slice(&payload);
+            prop_assert_eq!(parse(&bytes), Ok(Some((expected, encoded.len()))));
+            for k in 0..encoded.len() {
+                prop_assert_eq!(parse(&encoded[..k]), Ok(None));
+            }
+        }
+
+        #[test]
+        fn v1_round_trip(
+            addrs in proptest::option::of(arb_pair()),
+            payload in proptest::collection::vec(any::<u8>(), 0..20),
+        ) {
+            let encoded = encode_v1(addrs);
+            prop_assert!(encoded.len() <= V1_MAX_LEN);
+            let expected = Header {
+                version: 1,
+                command: Command::Proxy,
+                source: addrs.map(|a| a.0),
+                destination: addrs.map(|a| a.1),
+                vpc_endpoint: None,
+            };
+            let mut bytes = encoded.clone();
+            bytes.extend_from_slice(&payload);
+            prop_assert_eq!(parse(&bytes), Ok(Some((expected, encoded.len()))));
+            for k in 0..encoded.len() {
+                prop_assert_eq!(parse(&encoded[..k]), Ok(None));
+            }
+        }
+    }
+}
