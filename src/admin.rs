@@ -81,7 +81,9 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io:
         if head_start.is_none() {
             match strip_proxy_header(&buf, peer, shared) {
                 Strip::NeedMore => {}
-                Strip::Reject => return respond(&mut stream, 400, "text/plain", "bad PROXY header\n", false).await,
+                Strip::Reject => {
+                    return respond(&mut stream, 400, "text/plain", "bad PROXY header\n", false).await
+                }
                 Strip::Start(at) => head_start = Some(at),
             }
         }
@@ -158,11 +160,20 @@ async fn route(stream: &mut TcpStream, head: &[u8], shared: &Shared) -> io::Resu
                 respond(stream, 503, "text/plain", "not ready\n", head_only).await
             }
         }
-        _ => respond(stream, 404, "text/plain", "not found; try /metrics, /healthz or /readyz\n", head_only).await,
+        _ => {
+            respond(stream, 404, "text/plain", "not found; try /metrics, /healthz or /readyz\n", head_only)
+                .await
+        }
     }
 }
 
-async fn respond(stream: &mut TcpStream, code: u16, ctype: &str, body: &str, head_only: bool) -> io::Result<()> {
+async fn respond(
+    stream: &mut TcpStream,
+    code: u16,
+    ctype: &str,
+    body: &str,
+    head_only: bool,
+) -> io::Result<()> {
     let reason = match code {
         200 => "OK",
         400 => "Bad Request",

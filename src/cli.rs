@@ -110,11 +110,7 @@ pub fn check_summary(cfg: &Config) -> String {
         cfg.keepalive.retries,
         humantime::format_duration(cfg.keepalive.idle_timeout_limit)
     );
-    let _ = writeln!(
-        s,
-        "  admin:     {}",
-        cfg.admin.listen.map_or("off".to_string(), |a| a.to_string())
-    );
+    let _ = writeln!(s, "  admin:     {}", cfg.admin.listen.map_or("off".to_string(), |a| a.to_string()));
     let _ = writeln!(s, "  hash:      {}", cfg.hash());
     s
 }

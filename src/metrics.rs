@@ -36,14 +36,11 @@ pub const MAX_FDS: &str = "portgate_process_max_fds";
 
 /// Dialing a target on a private network: sub-millisecond when healthy,
 /// up to the connect timeout when not.
-const CONNECT_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-];
+const CONNECT_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// Maintenance sessions: a probe-like second up to a working day.
-const SESSION_BUCKETS: &[f64] = &[
-    0.1, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0,
-];
+const SESSION_BUCKETS: &[f64] =
+    &[0.1, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0];
 
 /// Why a dial to a target failed, as the `kind` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,8 +119,7 @@ impl RouteMetrics {
     }
 }
 
-static METADATA: Metadata<'static> =
-    Metadata::new("portgate", metrics::Level::INFO, Some("portgate"));
+static METADATA: Metadata<'static> = Metadata::new("portgate", metrics::Level::INFO, Some("portgate"));
 
 impl Metrics {
     pub fn new() -> Self {
@@ -172,21 +168,17 @@ impl Metrics {
         let c = |name: &'static str, labels: Vec<Label>| {
             self.recorder.register_counter(&Key::from_parts(name, labels), &METADATA)
         };
-        let reason = |reason: Reject| {
-            c(CONNECTIONS_REJECTED, vec![r(), Label::new("reason", reason.as_str())])
-        };
-        let kind = |kind: ConnectErrorKind| {
-            c(UPSTREAM_CONNECT_ERRORS, vec![r(), Label::new("kind", kind.as_str())])
-        };
+        let reason =
+            |reason: Reject| c(CONNECTIONS_REJECTED, vec![r(), Label::new("reason", reason.as_str())]);
+        let kind =
+            |kind: ConnectErrorKind| c(UPSTREAM_CONNECT_ERRORS, vec![r(), Label::new("kind", kind.as_str())]);
         let h = |name: &'static str| {
             self.recorder.register_histogram(&Key::from_parts(name, vec![r()]), &METADATA)
         };
         RouteMetrics {
             tenant: tenant.to_owned(),
             accepted: c(CONNECTIONS_ACCEPTED, rt()),
-            active: self
-                .recorder
-                .register_gauge(&Key::from_parts(CONNECTIONS_ACTIVE, rt()), &METADATA),
+            active: self.recorder.register_gauge(&Key::from_parts(CONNECTIONS_ACTIVE, rt()), &METADATA),
             bytes_to_target: c(BYTES, vec![r(), Label::new("direction", "to_target")]),
             bytes_to_client: c(BYTES, vec![r(), Label::new("direction", "to_client")]),
             connect_duration: h(UPSTREAM_CONNECT_DURATION),
@@ -245,14 +237,30 @@ fn describe(rec: &PrometheusRecorder) {
         rec.describe_counter(name.into(), unit, SharedString::const_str(text));
     };
     // describe_* only stores the HELP text; the kind comes from registration.
-    d(CONNECTIONS_ACCEPTED, None, "Connections that passed admission (PROXY header, route, source, endpoint, limits).");
-    d(CONNECTIONS_REJECTED, None, "Connections refused before dialing, by reason; route is empty when unknown.");
+    d(
+        CONNECTIONS_ACCEPTED,
+        None,
+        "Connections that passed admission (PROXY header, route, source, endpoint, limits).",
+    );
+    d(
+        CONNECTIONS_REJECTED,
+        None,
+        "Connections refused before dialing, by reason; route is empty when unknown.",
+    );
     d(CONNECTIONS_ACTIVE, None, "Sessions currently admitted on a route.");
     d(UPSTREAM_CONNECT_ERRORS, None, "Failed dials to a route's target, by kind.");
-    d(UPSTREAM_CONNECT_DURATION, Some(Unit::Seconds), "Time to establish the target connection (successful dials).");
+    d(
+        UPSTREAM_CONNECT_DURATION,
+        Some(Unit::Seconds),
+        "Time to establish the target connection (successful dials).",
+    );
     d(SESSION_DURATION, Some(Unit::Seconds), "Length of sessions that reached their target.");
     d(BYTES, Some(Unit::Bytes), "Payload bytes forwarded, by direction (PROXY headers excluded).");
-    d(HEALTH_CHECKS, None, "Load-balancer health checks: PROXY LOCAL headers and connections closed without a byte.");
+    d(
+        HEALTH_CHECKS,
+        None,
+        "Load-balancer health checks: PROXY LOCAL headers and connections closed without a byte.",
+    );
     d(CONFIG_RELOADS, None, "Config reloads by result.");
     d(CONFIG_LAST_RELOAD_SUCCESS, None, "1 if the last config load or reload succeeded, else 0.");
     d(ROUTES, None, "Routes in the effective config.");

@@ -110,9 +110,7 @@ pub enum HeaderError {
     #[error("PROXY v2 header has invalid address family/protocol byte {0:#04x}")]
     BadFamily(u8),
     /// v2 `PROXY` header for a UDP (datagram) connection.
-    #[error(
-        "PROXY v2 header announces a UDP connection (family byte {0:#04x}); only TCP is supported"
-    )]
+    #[error("PROXY v2 header announces a UDP connection (family byte {0:#04x}); only TCP is supported")]
     NotTcp(u8),
     /// Syntax error (v1) or inconsistent structure (v2); the text says which.
     #[error("malformed PROXY protocol header: {0}")]
@@ -171,10 +169,7 @@ fn check_prefix(buf: &[u8], expected: &[u8]) -> Result<(), HeaderError> {
 fn parse_v1(buf: &[u8]) -> Result<Option<(Header, usize)>, HeaderError> {
     let window = &buf[..buf.len().min(V1_MAX_LEN)];
     let start = V1_PREFIX.len();
-    let lf = window[start..]
-        .iter()
-        .position(|&b| b == b'\n')
-        .map(|i| i + start);
+    let lf = window[start..].iter().position(|&b| b == b'\n').map(|i| i + start);
 
     match lf {
         Some(i) if window[i - 1] == b'\r' => {
@@ -189,9 +184,7 @@ fn parse_v1(buf: &[u8]) -> Result<Option<(Header, usize)>, HeaderError> {
             // Report a field error first if there is one before the LF, so the
             // result does not depend on how the bytes were split into reads.
             parse_v1_body(&window[start..i], false)?;
-            Err(HeaderError::Malformed(
-                "v1: line ends with LF instead of CRLF",
-            ))
+            Err(HeaderError::Malformed("v1: line ends with LF instead of CRLF"))
         }
         None => {
             let mut body = &window[start..];
@@ -240,26 +233,16 @@ fn parse_v1_body(body: &[u8], complete: bool) -> Result<Option<Header>, HeaderEr
             }));
         }
         p if !proto_complete
-            && [&b"TCP4"[..], b"TCP6", b"UNKNOWN"]
-                .iter()
-                .any(|known| known.starts_with(p)) =>
+            && [&b"TCP4"[..], b"TCP6", b"UNKNOWN"].iter().any(|known| known.starts_with(p)) =>
         {
             return Ok(None);
         }
-        _ => {
-            return Err(HeaderError::Malformed(
-                "v1: protocol is not TCP4, TCP6 or UNKNOWN",
-            ))
-        }
+        _ => return Err(HeaderError::Malformed("v1: protocol is not TCP4, TCP6 or UNKNOWN")),
     };
 
     let Some(rest) = rest else {
         // "TCP4" / "TCP6" followed directly by CRLF.
-        return if complete {
-            Err(HeaderError::Malformed("v1: missing fields"))
-        } else {
-            Ok(None)
-        };
+        return if complete { Err(HeaderError::Malformed("v1: missing fields")) } else { Ok(None) };
     };
 
     let count = rest.iter().filter(|&&b| b == b' ').count() + 1;
@@ -311,23 +294,13 @@ fn v1_addr_error(proto: V1Proto, source: bool) -> HeaderError {
 }
 
 /// Check an address field; a `partial` one only for characters and length.
-fn check_v1_addr(
-    field: &[u8],
-    proto: V1Proto,
-    source: bool,
-    partial: bool,
-) -> Result<(), HeaderError> {
+fn check_v1_addr(field: &[u8], proto: V1Proto, source: bool, partial: bool) -> Result<(), HeaderError> {
     if partial {
         let ok = match proto {
-            V1Proto::Tcp4 => {
-                field.len() <= 15 && field.iter().all(|b| b.is_ascii_digit() || *b == b'.')
-            }
+            V1Proto::Tcp4 => field.len() <= 15 && field.iter().all(|b| b.is_ascii_digit() || *b == b'.'),
             // Longest textual IPv6 form: six groups plus an embedded IPv4.
             V1Proto::Tcp6 => {
-                field.len() <= 45
-                    && field
-                        .iter()
-                        .all(|b| b.is_ascii_hexdigit() || *b == b':' || *b == b'.')
+                field.len() <= 45 && field.iter().all(|b| b.is_ascii_hexdigit() || *b == b':' || *b == b'.')
             }
         };
         if ok {
@@ -416,22 +389,14 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(Header, usize)>, HeaderError> {
         return Err(HeaderError::TooLong);
     }
     if block_len < addr_len {
-        return Err(HeaderError::Malformed(
-            "v2: length is shorter than the address family requires",
-        ));
+        return Err(HeaderError::Malformed("v2: length is shorter than the address family requires"));
     }
     let Some(block) = buf.get(V2_PREAMBLE_LEN..total) else {
         return Ok(None);
     };
 
     if command == Command::Local {
-        let header = Header {
-            version: 2,
-            command,
-            source: None,
-            destination: None,
-            vpc_endpoint: None,
-        };
+        let header = Header { version: 2, command, source: None, destination: None, vpc_endpoint: None };
         return Ok(Some((header, total)));
     }
 
@@ -442,57 +407,30 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(Header, usize)>, HeaderError> {
         0x11 => {
             let (src, dst, sport, dport) = v2_addr_fields::<4>(addrs)?;
             (
-                Some(SocketAddr::V4(SocketAddrV4::new(
-                    Ipv4Addr::from(src),
-                    sport,
-                ))),
-                Some(SocketAddr::V4(SocketAddrV4::new(
-                    Ipv4Addr::from(dst),
-                    dport,
-                ))),
+                Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(src), sport))),
+                Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(dst), dport))),
             )
         }
         0x21 => {
             let (src, dst, sport, dport) = v2_addr_fields::<16>(addrs)?;
             (
-                Some(SocketAddr::V6(SocketAddrV6::new(
-                    Ipv6Addr::from(src),
-                    sport,
-                    0,
-                    0,
-                ))),
-                Some(SocketAddr::V6(SocketAddrV6::new(
-                    Ipv6Addr::from(dst),
-                    dport,
-                    0,
-                    0,
-                ))),
+                Some(SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(src), sport, 0, 0))),
+                Some(SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(dst), dport, 0, 0))),
             )
         }
         _ => (None, None), // AF_UNSPEC, AF_UNIX
     };
 
     let vpc_endpoint = parse_tlvs(tlvs)?;
-    let header = Header {
-        version: 2,
-        command,
-        source,
-        destination,
-        vpc_endpoint,
-    };
+    let header = Header { version: 2, command, source, destination, vpc_endpoint };
     Ok(Some((header, total)))
 }
 
 /// Split a v2 address block of `2 * N + 4` bytes into its four fields.
-fn v2_addr_fields<const N: usize>(
-    addrs: &[u8],
-) -> Result<([u8; N], [u8; N], u16, u16), HeaderError> {
+fn v2_addr_fields<const N: usize>(addrs: &[u8]) -> Result<([u8; N], [u8; N], u16, u16), HeaderError> {
     let err = || HeaderError::Malformed("v2: short address block");
     let array = |from: usize| -> Result<[u8; N], HeaderError> {
-        addrs
-            .get(from..from + N)
-            .and_then(|s| <[u8; N]>::try_from(s).ok())
-            .ok_or_else(err)
+        addrs.get(from..from + N).and_then(|s| <[u8; N]>::try_from(s).ok()).ok_or_else(err)
     };
     let port = |from: usize| -> Result<u16, HeaderError> {
         addrs
@@ -509,15 +447,11 @@ fn parse_tlvs(mut tlvs: &[u8]) -> Result<Option<String>, HeaderError> {
     let mut vpc_endpoint = None;
     while let Some((&kind, rest)) = tlvs.split_first() {
         let Some((len, rest)) = rest.split_first_chunk::<2>() else {
-            return Err(HeaderError::BadTlv(
-                "TLV header runs past the end of the header",
-            ));
+            return Err(HeaderError::BadTlv("TLV header runs past the end of the header"));
         };
         let len = usize::from(u16::from_be_bytes(*len));
         if rest.len() < len {
-            return Err(HeaderError::BadTlv(
-                "TLV value runs past the end of the header",
-            ));
+            return Err(HeaderError::BadTlv("TLV value runs past the end of the header"));
         }
         let (value, rest) = rest.split_at(len);
         if kind == PP2_TYPE_AWS {
@@ -546,20 +480,12 @@ fn parse_tlvs(mut tlvs: &[u8]) -> Result<Option<String>, HeaderError> {
 /// and are dropped.
 pub fn encode_v1(addrs: Option<(SocketAddr, SocketAddr)>) -> Vec<u8> {
     let line = match addrs {
-        Some((SocketAddr::V4(s), SocketAddr::V4(d))) => format!(
-            "PROXY TCP4 {} {} {} {}\r\n",
-            s.ip(),
-            d.ip(),
-            s.port(),
-            d.port()
-        ),
-        Some((SocketAddr::V6(s), SocketAddr::V6(d))) => format!(
-            "PROXY TCP6 {} {} {} {}\r\n",
-            s.ip(),
-            d.ip(),
-            s.port(),
-            d.port()
-        ),
+        Some((SocketAddr::V4(s), SocketAddr::V4(d))) => {
+            format!("PROXY TCP4 {} {} {} {}\r\n", s.ip(), d.ip(), s.port(), d.port())
+        }
+        Some((SocketAddr::V6(s), SocketAddr::V6(d))) => {
+            format!("PROXY TCP6 {} {} {} {}\r\n", s.ip(), d.ip(), s.port(), d.port())
+        }
         _ => "PROXY UNKNOWN\r\n".to_owned(),
     };
     line.into_bytes()
@@ -640,12 +566,7 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn hdr(
-        version: u8,
-        command: Command,
-        addrs: Option<(&str, &str)>,
-        vpc: Option<&str>,
-    ) -> Header {
+    fn hdr(version: u8, command: Command, addrs: Option<(&str, &str)>, vpc: Option<&str>) -> Header {
         Header {
             version,
             command,
@@ -685,12 +606,7 @@ mod tests {
 
     fn err(bytes: &[u8], expected: HeaderError) {
         check_consistency(bytes);
-        assert_eq!(
-            parse(bytes),
-            Err(expected),
-            "{:?}",
-            String::from_utf8_lossy(bytes)
-        );
+        assert_eq!(parse(bytes), Err(expected), "{:?}", String::from_utf8_lossy(bytes));
     }
 
     fn malformed(bytes: &[u8]) {
@@ -708,47 +624,28 @@ mod tests {
     #[test]
     fn v1_valid() {
         let v4 = Some(("192.168.0.1:56324", "10.0.0.5:443"));
-        ok(
-            b"PROXY TCP4 192.168.0.1 10.0.0.5 56324 443\r\n",
-            hdr(1, Command::Proxy, v4, None),
-        );
+        ok(b"PROXY TCP4 192.168.0.1 10.0.0.5 56324 443\r\n", hdr(1, Command::Proxy, v4, None));
         ok(
             b"PROXY TCP6 2001:db8::1 ::1 65535 0\r\n",
-            hdr(
-                1,
-                Command::Proxy,
-                Some(("[2001:db8::1]:65535", "[::1]:0")),
-                None,
-            ),
+            hdr(1, Command::Proxy, Some(("[2001:db8::1]:65535", "[::1]:0")), None),
         );
         ok(
             b"PROXY TCP6 ::ffff:10.1.2.3 fe80::a:b 1 2\r\n",
-            hdr(
-                1,
-                Command::Proxy,
-                Some(("[::ffff:10.1.2.3]:1", "[fe80::a:b]:2")),
-                None,
-            ),
+            hdr(1, Command::Proxy, Some(("[::ffff:10.1.2.3]:1", "[fe80::a:b]:2")), None),
         );
         ok(b"PROXY UNKNOWN\r\n", hdr(1, Command::Proxy, None, None));
         ok(
             b"PROXY UNKNOWN ffff:f:f:f:f:f:f:f ffff:f:f:f:f:f:f:f 65535 65535\r\n",
             hdr(1, Command::Proxy, None, None),
         );
-        ok(
-            b"PROXY UNKNOWN \x00junk  x\r\n",
-            hdr(1, Command::Proxy, None, None),
-        );
+        ok(b"PROXY UNKNOWN \x00junk  x\r\n", hdr(1, Command::Proxy, None, None));
         // Leading zeros in ports are accepted (value still <= 65535).
         ok(
             b"PROXY TCP4 1.2.3.4 5.6.7.8 00080 0\r\n",
             hdr(1, Command::Proxy, Some(("1.2.3.4:80", "5.6.7.8:0")), None),
         );
         // Longest legal line: exactly 107 bytes.
-        let line = format!(
-            "PROXY TCP6 {0} {0} 65535 65535\r\n",
-            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
-        );
+        let line = format!("PROXY TCP6 {0} {0} 65535 65535\r\n", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff");
         assert_eq!(line.len(), V1_MAX_LEN - 3);
         ok(
             line.as_bytes(),
@@ -762,10 +659,8 @@ mod tests {
                 None,
             ),
         );
-        let unknown = format!(
-            "PROXY UNKNOWN {0} {0} 65535 65535\r\n",
-            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
-        );
+        let unknown =
+            format!("PROXY UNKNOWN {0} {0} 65535 65535\r\n", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff");
         assert_eq!(unknown.len(), V1_MAX_LEN);
         ok(unknown.as_bytes(), hdr(1, Command::Proxy, None, None));
     }
@@ -825,13 +720,7 @@ mod tests {
         ] {
             malformed(bytes);
         }
-        for bytes in [
-            &b"XPROXY"[..],
-            b"PROXX",
-            b"GET / HTTP/1.1\r\n",
-            b"proxy ",
-            b"\x16\x03\x01",
-        ] {
+        for bytes in [&b"XPROXY"[..], b"PROXX", b"GET / HTTP/1.1\r\n", b"proxy ", b"\x16\x03\x01"] {
             err(bytes, HeaderError::NotProxy);
         }
         // No CRLF within 107 bytes.
@@ -889,17 +778,11 @@ mod tests {
     #[test]
     fn v2_valid() {
         let v4 = Some(("10.0.1.2:40000", "172.31.31.84:8022"));
-        ok(
-            &v2_raw(0x21, 0x11, &v4_block()),
-            hdr(2, Command::Proxy, v4, None),
-        );
+        ok(&v2_raw(0x21, 0x11, &v4_block()), hdr(2, Command::Proxy, v4, None));
 
         let mut block = v4_block();
         block.extend_from_slice(&aws_tlv(VPCE.as_bytes()));
-        ok(
-            &v2_raw(0x21, 0x11, &block),
-            hdr(2, Command::Proxy, v4, Some(VPCE)),
-        );
+        ok(&v2_raw(0x21, 0x11, &block), hdr(2, Command::Proxy, v4, Some(VPCE)));
 
         // Other TLVs (NOOP, ALPN, CRC32C with a wrong value, SSL, AWS with
         // another subtype, empty AWS) are skipped around the endpoint id.
@@ -912,10 +795,7 @@ mod tests {
         block.extend_from_slice(&aws_tlv(VPCE.as_bytes()));
         block.extend_from_slice(&[0x20, 0, 5, 1, 0, 0, 0, 0]); // SSL
         block.extend_from_slice(&[0x30, 0, 0]); // NETNS, empty
-        ok(
-            &v2_raw(0x21, 0x11, &block),
-            hdr(2, Command::Proxy, v4, Some(VPCE)),
-        );
+        ok(&v2_raw(0x21, 0x11, &block), hdr(2, Command::Proxy, v4, Some(VPCE)));
 
         let mut block = vec![0x20, 0x01, 0x0d, 0xb8];
         block.extend_from_slice(&[0; 11]);
@@ -925,26 +805,15 @@ mod tests {
         block.extend_from_slice(&[0xFF, 0xFF, 0, 22]);
         ok(
             &v2_raw(0x21, 0x21, &block),
-            hdr(
-                2,
-                Command::Proxy,
-                Some(("[2001:db8::1]:65535", "[::2]:22")),
-                None,
-            ),
+            hdr(2, Command::Proxy, Some(("[2001:db8::1]:65535", "[::2]:22")), None),
         );
 
         // PROXY with AF_UNSPEC or AF_UNIX: no addresses; TLVs still read.
         ok(&v2_raw(0x21, 0x00, &[]), hdr(2, Command::Proxy, None, None));
-        ok(
-            &v2_raw(0x21, 0x00, &aws_tlv(VPCE.as_bytes())),
-            hdr(2, Command::Proxy, None, Some(VPCE)),
-        );
+        ok(&v2_raw(0x21, 0x00, &aws_tlv(VPCE.as_bytes())), hdr(2, Command::Proxy, None, Some(VPCE)));
         let mut unix = vec![b'/'; 216];
         unix.extend_from_slice(&[0x04, 0, 0]);
-        ok(
-            &v2_raw(0x21, 0x31, &unix),
-            hdr(2, Command::Proxy, None, None),
-        );
+        ok(&v2_raw(0x21, 0x31, &unix), hdr(2, Command::Proxy, None, None));
     }
 
     #[test]
@@ -980,29 +849,15 @@ mod tests {
         malformed(&v2_raw(0x21, 0x21, &[0; 35]));
         malformed(&v2_raw(0x21, 0x31, &[0; 215]));
         // TLVs running past the end.
-        for tail in [
-            &[0xEA][..],
-            &[0x04, 0],
-            &[0x04, 0, 1],
-            &[0xEA, 0, 30, 1, b'v'],
-        ] {
+        for tail in [&[0xEA][..], &[0x04, 0], &[0x04, 0, 1], &[0xEA, 0, 30, 1, b'v']] {
             let mut block = v4.clone();
             block.extend_from_slice(tail);
             let bytes = v2_raw(0x21, 0x11, &block);
             check_consistency(&bytes);
-            assert!(
-                matches!(parse(&bytes), Err(HeaderError::BadTlv(_))),
-                "{tail:?}"
-            );
+            assert!(matches!(parse(&bytes), Err(HeaderError::BadTlv(_))), "{tail:?}");
         }
         // Bad endpoint ids.
-        for id in [
-            &b""[..],
-            b"vpce 123",
-            b"vpce-\x00",
-            b"vpce-\xc3\xa9",
-            b"\x7f",
-        ] {
+        for id in [&b""[..], b"vpce 123", b"vpce-\x00", b"vpce-\xc3\xa9", b"\x7f"] {
             let mut block = v4.clone();
             block.extend_from_slice(&aws_tlv(id));
             err(&v2_raw(0x21, 0x11, &block), HeaderError::BadVpcEndpoint);
@@ -1047,18 +902,10 @@ mod tests {
 
     #[test]
     fn only_first_header_counts() {
-        let first = encode_v2(
-            Command::Proxy,
-            Some((sa("10.0.0.1:1000"), sa("10.0.0.2:22"))),
-            Some(VPCE),
-            &[],
-        );
-        let second = encode_v2(
-            Command::Proxy,
-            Some((sa("6.6.6.6:1"), sa("6.6.6.7:2"))),
-            Some("vpce-evil"),
-            &[],
-        );
+        let first =
+            encode_v2(Command::Proxy, Some((sa("10.0.0.1:1000"), sa("10.0.0.2:22"))), Some(VPCE), &[]);
+        let second =
+            encode_v2(Command::Proxy, Some((sa("6.6.6.6:1"), sa("6.6.6.7:2"))), Some("vpce-evil"), &[]);
         let mut bytes = first.clone();
         bytes.extend_from_slice(&second);
         bytes.extend_from_slice(b"SSH-2.0-OpenSSH_9.6\r\n");
@@ -1082,20 +929,12 @@ mod tests {
     #[test]
     fn encoders() {
         assert_eq!(encode_v1(None), b"PROXY UNKNOWN\r\n");
-        assert_eq!(
-            encode_v1(Some((sa("1.2.3.4:5"), sa("[::1]:6")))),
-            b"PROXY UNKNOWN\r\n"
-        );
+        assert_eq!(encode_v1(Some((sa("1.2.3.4:5"), sa("[::1]:6")))), b"PROXY UNKNOWN\r\n");
         assert_eq!(
             encode_v1(Some((sa("1.2.3.4:5"), sa("5.6.7.8:6")))),
             b"PROXY TCP4 1.2.3.4 5.6.7.8 5 6\r\n"
         );
-        let mixed = encode_v2(
-            Command::Proxy,
-            Some((sa("1.2.3.4:5"), sa("[::1]:6"))),
-            None,
-            &[],
-        );
+        let mixed = encode_v2(Command::Proxy, Some((sa("1.2.3.4:5"), sa("[::1]:6"))), None, &[]);
         assert_eq!(mixed, v2_raw(0x21, 0x00, &[]));
         let local = encode_v2(Command::Local, None, None, &[]);
         assert_eq!(local, v2_raw(0x20, 0x00, &[]));
@@ -1116,30 +955,12 @@ mod tests {
 
     fn arb_pair() -> impl Strategy<Value = (SocketAddr, SocketAddr)> {
         prop_oneof![
-            (
-                any::<[u8; 4]>(),
-                any::<u16>(),
-                any::<[u8; 4]>(),
-                any::<u16>()
-            )
-                .prop_map(|(s, sp, d, dp)| {
-                    (
-                        SocketAddr::from((Ipv4Addr::from(s), sp)),
-                        SocketAddr::from((Ipv4Addr::from(d), dp)),
-                    )
-                }),
-            (
-                any::<[u8; 16]>(),
-                any::<u16>(),
-                any::<[u8; 16]>(),
-                any::<u16>()
-            )
-                .prop_map(|(s, sp, d, dp)| {
-                    (
-                        SocketAddr::from((Ipv6Addr::from(s), sp)),
-                        SocketAddr::from((Ipv6Addr::from(d), dp)),
-                    )
-                }),
+            (any::<[u8; 4]>(), any::<u16>(), any::<[u8; 4]>(), any::<u16>()).prop_map(|(s, sp, d, dp)| {
+                (SocketAddr::from((Ipv4Addr::from(s), sp)), SocketAddr::from((Ipv4Addr::from(d), dp)))
+            }),
+            (any::<[u8; 16]>(), any::<u16>(), any::<[u8; 16]>(), any::<u16>()).prop_map(|(s, sp, d, dp)| {
+                (SocketAddr::from((Ipv6Addr::from(s), sp)), SocketAddr::from((Ipv6Addr::from(d), dp)))
+            }),
         ]
     }
 
@@ -1151,21 +972,18 @@ mod tests {
     }
 
     fn arb_tlvs() -> impl Strategy<Value = Vec<(u8, Vec<u8>)>> {
-        proptest::collection::vec(
-            (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..40)),
-            0..6,
-        )
-        .prop_map(|tlvs| {
-            tlvs.into_iter()
-                .map(|(kind, mut value)| {
-                    // Keep the endpoint id TLV unique: other AWS subtypes only.
-                    if kind == PP2_TYPE_AWS && value.first() == Some(&PP2_SUBTYPE_AWS_VPCE_ID) {
-                        value[0] = 0x02;
-                    }
-                    (kind, value)
-                })
-                .collect()
-        })
+        proptest::collection::vec((any::<u8>(), proptest::collection::vec(any::<u8>(), 0..40)), 0..6)
+            .prop_map(|tlvs| {
+                tlvs.into_iter()
+                    .map(|(kind, mut value)| {
+                        // Keep the endpoint id TLV unique: other AWS subtypes only.
+                        if kind == PP2_TYPE_AWS && value.first() == Some(&PP2_SUBTYPE_AWS_VPCE_ID) {
+                            value[0] = 0x02;
+                        }
+                        (kind, value)
+                    })
+                    .collect()
+            })
     }
 
     /// Byte strings that look enough like headers to get past the signature.
@@ -1185,19 +1003,15 @@ mod tests {
                 ),
             )
                 .prop_map(|(head, tail)| [head, &tail].concat()),
-            (
-                any::<u8>(),
-                any::<u8>(),
-                0u16..600,
-                proptest::collection::vec(any::<u8>(), 0..600),
-            )
-                .prop_map(|(vc, fam, len, rest)| {
+            (any::<u8>(), any::<u8>(), 0u16..600, proptest::collection::vec(any::<u8>(), 0..600),).prop_map(
+                |(vc, fam, len, rest)| {
                     let mut v = V2_SIGNATURE.to_vec();
                     v.extend_from_slice(&[vc, fam]);
                     v.extend_from_slice(&len.to_be_bytes());
                     v.extend_from_slice(&rest);
                     v
-                }),
+                }
+            ),
         ]
     }
 

@@ -18,7 +18,9 @@ use crate::systemd;
 /// Why a valid config could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    #[error("listen.address changed from {old} to {new}; this needs a restart (the old config keeps serving)")]
+    #[error(
+        "listen.address changed from {old} to {new}; this needs a restart (the old config keeps serving)"
+    )]
     AddressChanged { old: std::net::IpAddr, new: std::net::IpAddr },
     #[error(transparent)]
     Bind(#[from] crate::listener::BindError),
@@ -92,7 +94,8 @@ pub fn apply(server: &mut Server, new: Config) -> Result<(), ApplyError> {
     let new_admin = if new.admin.listen != old.config.admin.listen {
         match new.admin.listen {
             Some(a) => Some(Some(
-                AdminServer::bind(a, Arc::clone(&shared)).map_err(|source| ApplyError::Admin { addr: a, source })?,
+                AdminServer::bind(a, Arc::clone(&shared))
+                    .map_err(|source| ApplyError::Admin { addr: a, source })?,
             )),
             None => Some(None),
         }
@@ -150,18 +153,11 @@ mod tests {
     #[test]
     fn diff_table() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        let cases: Vec<(Vec<Arc<Route>>, Vec<Arc<Route>>, RouteDiff)> = vec![
+        type Case = (Vec<Arc<Route>>, Vec<Arc<Route>>, RouteDiff);
+        let cases: Vec<Case> = vec![
             (vec![], vec![], RouteDiff::default()),
-            (
-                vec![],
-                vec![r("a", 1, "127.0.0.1:1")],
-                RouteDiff { added: s(&["a"]), ..Default::default() },
-            ),
-            (
-                vec![r("a", 1, "127.0.0.1:1")],
-                vec![],
-                RouteDiff { removed: s(&["a"]), ..Default::default() },
-            ),
+            (vec![], vec![r("a", 1, "127.0.0.1:1")], RouteDiff { added: s(&["a"]), ..Default::default() }),
+            (vec![r("a", 1, "127.0.0.1:1")], vec![], RouteDiff { removed: s(&["a"]), ..Default::default() }),
             (
                 vec![r("a", 1, "127.0.0.1:1"), r("b", 2, "127.0.0.1:2")],
                 vec![r("a", 1, "127.0.0.1:9"), r("b", 2, "127.0.0.1:2"), r("c", 3, "127.0.0.1:3")],

@@ -249,4 +249,3 @@ pub async fn run(
     }
     Ok(())
 }
-

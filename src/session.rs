@@ -158,14 +158,14 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, port: u16, shared: Arc<Sha
                 port,
                 client = %info.client.0,
                 peer = %info.peer.0,
-                endpoint = info.endpoint.as_deref().unwrap_or("-"),
+                endpoint = %info.endpoint.as_deref().unwrap_or("-"),
                 target = %entry.route.target,
                 bytes_to_target = 0u64,
                 bytes_to_client = 0u64,
                 duration_ms = started.elapsed().as_millis() as u64,
-                close = CloseReason::Error.as_str(),
+                close = %CloseReason::Error.as_str(),
                 error = %e,
-                error_kind = kind.as_str(),
+                error_kind = %kind.as_str(),
                 "session closed"
             );
             return;
@@ -193,12 +193,12 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, port: u16, shared: Arc<Sha
             port,
             client = %info.client.0,
             peer = %info.peer.0,
-            endpoint = info.endpoint.as_deref().unwrap_or("-"),
+            endpoint = %info.endpoint.as_deref().unwrap_or("-"),
             target = %entry.route.target,
             bytes_to_target = to_target,
             bytes_to_client = to_client,
             duration_ms = elapsed.as_millis() as u64,
-            close = close.as_str(),
+            close = %close.as_str(),
             error = %e,
             "session closed"
         ),
@@ -208,12 +208,12 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, port: u16, shared: Arc<Sha
             port,
             client = %info.client.0,
             peer = %info.peer.0,
-            endpoint = info.endpoint.as_deref().unwrap_or("-"),
+            endpoint = %info.endpoint.as_deref().unwrap_or("-"),
             target = %entry.route.target,
             bytes_to_target = to_target,
             bytes_to_client = to_client,
             duration_ms = elapsed.as_millis() as u64,
-            close = close.as_str(),
+            close = %close.as_str(),
             "session closed"
         ),
     }
@@ -319,9 +319,9 @@ async fn read_header(stream: &TcpStream, timeout: Duration) -> HeaderRead {
         match ready {
             Err(_) => {
                 return HeaderRead::Failed(format!(
-                    "no complete PROXY header within {} (proxy_protocol.header_timeout); {len} bytes received",
-                    humantime::format_duration(timeout)
-                ))
+                "no complete PROXY header within {} (proxy_protocol.header_timeout); {len} bytes received",
+                humantime::format_duration(timeout)
+            ))
             }
             Ok(Err(e)) => return HeaderRead::Failed(format!("reading PROXY header: {e}")),
             Ok(Ok(())) => {}
@@ -329,7 +329,9 @@ async fn read_header(stream: &TcpStream, timeout: Duration) -> HeaderRead {
         match stream.try_read(&mut buf[len..]) {
             Ok(0) if len == 0 => return HeaderRead::Probe,
             Ok(0) => {
-                return HeaderRead::Failed(format!("connection closed after {len} bytes of an incomplete PROXY header"))
+                return HeaderRead::Failed(format!(
+                    "connection closed after {len} bytes of an incomplete PROXY header"
+                ))
             }
             Ok(n) => len += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -402,12 +404,12 @@ fn reject(shared: &Shared, info: &ConnInfo, entry: Option<&RouteEntry>, reason: 
     }
     tracing::info!(
         port = info.port,
-        route,
+        route = %route,
         client = %info.client.0,
         peer = %info.peer.0,
-        endpoint = info.endpoint.as_deref().unwrap_or("-"),
-        reason = reason.as_str(),
-        detail,
+        endpoint = %info.endpoint.as_deref().unwrap_or("-"),
+        reason = %reason.as_str(),
+        detail = %detail,
         "connection rejected"
     );
 }
@@ -445,7 +447,9 @@ fn classify(e: &DialError) -> ConnectErrorKind {
         DialError::Io(e) => match e.kind() {
             io::ErrorKind::ConnectionRefused => ConnectErrorKind::Refused,
             io::ErrorKind::TimedOut => ConnectErrorKind::Timeout,
-            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => ConnectErrorKind::Unreachable,
+            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                ConnectErrorKind::Unreachable
+            }
             _ => match e.raw_os_error() {
                 Some(libc::EHOSTUNREACH) | Some(libc::ENETUNREACH) | Some(libc::EADDRNOTAVAIL) => {
                     ConnectErrorKind::Unreachable

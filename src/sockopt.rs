@@ -22,10 +22,7 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 /// the warning ("client" or "target").
 pub fn apply_session_opts(stream: &TcpStream, ka: &Keepalive, side: &'static str) {
     let sock = SockRef::from(stream);
-    let params = TcpKeepalive::new()
-        .with_time(ka.time)
-        .with_interval(ka.interval)
-        .with_retries(ka.retries);
+    let params = TcpKeepalive::new().with_time(ka.time).with_interval(ka.interval).with_retries(ka.retries);
     if let Err(e) = sock.set_tcp_keepalive(&params) {
         tracing::warn!(side, error = %e, "could not set TCP keepalive; idle sessions may be cut by the NLB");
     }
@@ -51,8 +48,9 @@ pub fn bind_listener(addr: IpAddr, port: u16) -> io::Result<TcpListener> {
 
 /// Dial `addr` within `timeout`.
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, DialError> {
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
-        .map_err(DialError::Io)?;
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+            .map_err(DialError::Io)?;
     match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(DialError::Io(e)),

@@ -62,7 +62,11 @@ fn value(what: &'static str, v: &str) -> Result<String, SshConfigError> {
 pub fn render(cfg: &Config, opts: &SshOptions) -> Result<String, SshConfigError> {
     let host = value("--host", &opts.host)?;
     if host.starts_with('"') {
-        return Err(SshConfigError { what: "--host", value: opts.host.clone(), why: "a host name has no spaces" });
+        return Err(SshConfigError {
+            what: "--host",
+            value: opts.host.clone(),
+            why: "a host name has no spaces",
+        });
     }
     let alive = server_alive_interval(cfg);
     let mut out = String::new();
@@ -117,9 +121,15 @@ mod tests {
             route("db", 8023, "10.0.0.2:5432", None),
             route("odd", 8024, "10.0.0.3:2222", Some("admin")),
         ];
-        let opts = SshOptions { host: "nlb.example".into(), user: Some("ops".into()), identity_file: Some("~/my keys/id".into()) };
+        let opts = SshOptions {
+            host: "nlb.example".into(),
+            user: Some("ops".into()),
+            identity_file: Some("~/my keys/id".into()),
+        };
         let out = render(&cfg, &opts).unwrap();
-        assert!(out.contains("Host web1\n    HostName nlb.example\n    Port 8022\n    User ops\n    HostKeyAlias web1\n"));
+        assert!(out.contains(
+            "Host web1\n    HostName nlb.example\n    Port 8022\n    User ops\n    HostKeyAlias web1\n"
+        ));
         assert!(out.contains("Host odd\n    HostName nlb.example\n    Port 8024\n    User admin\n"));
         assert!(!out.contains("Host db"));
         assert!(out.contains("IdentityFile \"~/my keys/id\""));

@@ -40,6 +40,16 @@ pub fn notify_stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("shutting down")]);
 }
 
+/// `WATCHDOG_USEC`, if the watchdog is meant for this process: like
+/// sd_watchdog_enabled(3), `WATCHDOG_PID` may be absent, or must be our pid.
+fn watchdog_usec() -> Option<u64> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok().filter(|&u| u > 0)?;
+    match std::env::var("WATCHDOG_PID") {
+        Ok(pid) if pid.parse::<u32>().ok() != Some(std::process::id()) => None,
+        _ => Some(usec),
+    }
+}
+
 /// Ping the watchdog at half of `WATCHDOG_USEC`, and refresh `STATUS=`.
 /// The pings come from a task on the runtime, so a stalled runtime stops
 /// them and systemd restarts the node.
@@ -47,9 +57,12 @@ pub fn spawn_watchdog(shared: Arc<Shared>, stop: CancellationToken) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
-    let mut usec = 0u64;
-    let watchdog = sd_notify::watchdog_enabled(false, &mut usec);
-    let period = if watchdog { Duration::from_micros(usec / 2).max(Duration::from_millis(10)) } else { STATUS_EVERY };
+    let watchdog_usec = watchdog_usec();
+    let watchdog = watchdog_usec.is_some();
+    let period = match watchdog_usec {
+        Some(usec) => Duration::from_micros(usec / 2).max(Duration::from_millis(10)),
+        None => STATUS_EVERY,
+    };
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

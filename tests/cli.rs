@@ -142,7 +142,9 @@ fn routes_prints_the_table() {
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines[0].starts_with("PORT"), "{out}");
     assert_eq!(lines.len(), 4, "{out}");
-    assert!(lines[1].starts_with("8022") && lines[1].contains("web1") && lines[1].contains("172.31.31.84:22"));
+    assert!(
+        lines[1].starts_with("8022") && lines[1].contains("web1") && lines[1].contains("172.31.31.84:22")
+    );
     assert!(lines[3].contains("[2001:db8::5]:3389") && lines[3].contains("10.1.0.0/16,2001:db8::/32"));
 }
 
@@ -189,11 +191,8 @@ fn ssh_config_is_accepted_by_openssh() {
     assert!(g.contains("\nuser ec2-user\n"), "ssh_user wins over --user: {g}");
     assert!(g.contains("\nhostkeyalias web1\n"), "{g}");
     assert!(g.contains("identityfile \"/keys/my key\"") || g.contains("identityfile /keys/my key"), "{g}");
-    let alive: u64 = g
-        .lines()
-        .find_map(|l| l.strip_prefix("serveraliveinterval "))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
+    let alive: u64 =
+        g.lines().find_map(|l| l.strip_prefix("serveraliveinterval ")).and_then(|v| v.parse().ok()).unwrap();
     assert!(alive > 0 && alive < 350, "ServerAliveInterval below the idle timeout: {alive}");
     // db1 targets port 5432 without ssh_user: not an SSH route.
     let text_out = std::fs::read_to_string(&out).unwrap();
@@ -221,6 +220,7 @@ fn systemd_unit_passes_systemd_analyze_verify() {
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}{err}");
     // Unknown or misspelled keys are only warnings: treat any line about the unit as a failure.
-    let about_unit: Vec<&str> = err.lines().chain(out.lines()).filter(|l| l.contains("portgate.service")).collect();
+    let about_unit: Vec<&str> =
+        err.lines().chain(out.lines()).filter(|l| l.contains("portgate.service")).collect();
     assert!(about_unit.is_empty(), "systemd-analyze complained: {about_unit:?}");
 }

@@ -57,8 +57,19 @@ target = "{echo_b}"
     pg.wait_log_n(|l| l.contains("\"message\":\"session closed\""), 8, SOON);
     let ev = &pg.events(|v| v["message"] == "session closed" && v["route"] == "a")[0];
     for field in [
-        "route", "tenant", "port", "client", "peer", "endpoint", "target", "bytes_to_target", "bytes_to_client",
-        "duration_ms", "close", "timestamp", "level",
+        "route",
+        "tenant",
+        "port",
+        "client",
+        "peer",
+        "endpoint",
+        "target",
+        "bytes_to_target",
+        "bytes_to_client",
+        "duration_ms",
+        "close",
+        "timestamp",
+        "level",
     ] {
         assert!(ev.get(field).is_some(), "session line lacks {field}: {ev}");
     }
@@ -133,8 +144,14 @@ allow = ["127.0.0.3/32"]
     let mut s = connect_from("127.0.0.2", addr(base + 1));
     s.write_all(b"y").unwrap();
     expect_closed(s);
-    pg.wait_metric(r#"portgate_connections_rejected_total{route="inherits",reason="source_not_allowed"}"#, 1.0);
-    pg.wait_metric(r#"portgate_connections_rejected_total{route="own-rule",reason="source_not_allowed"}"#, 1.0);
+    pg.wait_metric(
+        r#"portgate_connections_rejected_total{route="inherits",reason="source_not_allowed"}"#,
+        1.0,
+    );
+    pg.wait_metric(
+        r#"portgate_connections_rejected_total{route="own-rule",reason="source_not_allowed"}"#,
+        1.0,
+    );
     let ev = pg.events(|v| v["message"] == "connection rejected" && v["route"] == "inherits");
     assert!(ev[0]["client"].as_str().unwrap().starts_with("127.0.0.3:"), "{}", ev[0]);
 }
@@ -468,7 +485,10 @@ endpoints = ["vpce-22222222222222222"]
         s.write_all(&m).unwrap();
         expect_closed(s);
     }
-    pg.wait_metric(r#"portgate_connections_rejected_total{route="only-e2",reason="endpoint_not_allowed"}"#, 2.0);
+    pg.wait_metric(
+        r#"portgate_connections_rejected_total{route="only-e2",reason="endpoint_not_allowed"}"#,
+        2.0,
+    );
 }
 
 #[test]
@@ -508,7 +528,10 @@ fn proxy_header_failures_are_rejected_without_dialing() {
     // Probe: connect and close, no bytes: a health check too, no rejection.
     drop(connect(addr(port)));
     pg.wait_metric("portgate_health_checks_total", 2.0);
-    assert_eq!(pg.metric(r#"portgate_connections_rejected_total{route="",reason="proxy_header"}"#), Some(3.0));
+    assert_eq!(
+        pg.metric(r#"portgate_connections_rejected_total{route="",reason="proxy_header"}"#),
+        Some(3.0)
+    );
     assert!(rx.try_recv().is_err(), "no connection may reach the target");
 }
 

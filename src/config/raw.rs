@@ -1,14 +1,279 @@
-//! Serde mirror of the TOML file (skeleton; filled in by the config work).
+//! Serde mirror of the TOML file, with spans, and reading of `include` files.
+//!
+//! Values that validation may reject are kept as spanned strings or integers
+//! (not parsed into durations, CIDRs or ports here), so that a bad value is a
+//! located problem among others instead of a serde error that stops the whole
+//! parse. Unknown keys are rejected by serde (`deny_unknown_fields`): TOML
+//! syntax and unknown keys are the only problems reported one at a time.
 
-use std::path::Path;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 
-use super::ConfigError;
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{ConfigError, Problem};
+
+/// A spanned optional list of spanned strings (`allow`, `endpoints`, ...).
+pub type SpannedList = Spanned<Vec<Spanned<String>>>;
+
+/// The main file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Globs or paths of files with more `[[route]]` tables, relative to this file.
+    #[serde(default)]
+    pub include: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub listen: RawListen,
+    #[serde(default)]
+    pub proxy_protocol: RawProxyProtocol,
+    #[serde(default)]
+    pub keepalive: RawKeepalive,
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub access: RawAccess,
+    #[serde(default)]
+    pub route: Vec<Spanned<RawRoute>>,
+}
+
+/// `[listen]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    /// IP literal to listen on.
+    pub address: Option<Spanned<String>>,
+    /// `"8000-8049"`, `"8022"` or `8022`.
+    pub ports: Option<Spanned<PortsValue>>,
+}
+
+/// `listen.ports` as written.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PortsValue {
+    Text(String),
+    Number(i64),
+}
+
+/// `[proxy_protocol]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProxyProtocol {
+    /// `"off"` or `"required"`.
+    pub mode: Option<Spanned<String>>,
+    /// CIDRs of peers allowed to send a header.
+    pub trusted: Option<SpannedList>,
+    pub header_timeout: Option<Spanned<String>>,
+}
+
+/// `[keepalive]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeepalive {
+    pub time: Option<Spanned<String>>,
+    pub interval: Option<Spanned<String>>,
+    pub retries: Option<Spanned<i64>>,
+    pub idle_timeout_limit: Option<Spanned<String>>,
+}
+
+/// `[timeouts]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    pub connect: Option<Spanned<String>>,
+    pub idle: Option<Spanned<String>>,
+    pub shutdown_delay: Option<Spanned<String>>,
+    pub drain: Option<Spanned<String>>,
+    pub revoke_grace: Option<Spanned<String>>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// `IP:port` or `"off"`.
+    pub listen: Option<Spanned<String>>,
+}
+
+/// `[log]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<Spanned<String>>,
+    pub level: Option<Spanned<String>>,
+}
+
+/// `[access]`: defaults for routes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccess {
+    pub allow: Option<SpannedList>,
+    pub endpoints: Option<SpannedList>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub max_per_source: Option<Spanned<i64>>,
+}
+
+/// One `[[route]]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: Option<Spanned<String>>,
+    pub port: Option<Spanned<i64>>,
+    pub target: Option<Spanned<String>>,
+    pub tenant: Option<Spanned<String>>,
+    pub via: Option<Spanned<String>>,
+    pub allow: Option<SpannedList>,
+    pub endpoints: Option<SpannedList>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub ssh_user: Option<Spanned<String>>,
+}
+
+/// An included file: routes only.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInclude {
+    #[serde(default)]
+    route: Vec<Spanned<RawRoute>>,
+}
+
+/// One file's path (as shown in messages) and text (for line numbers).
+#[derive(Debug)]
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+impl SourceFile {
+    /// `FILE:LINE:COL` for a byte offset (1-based line and column, the
+    /// column counted in characters).
+    pub fn locate(&self, offset: usize) -> String {
+        let offset = offset.min(self.text.len());
+        let before = self.text.get(..offset).unwrap_or(&self.text);
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let col = before[line_start..].chars().count() + 1;
+        format!("{}:{line}:{col}", self.path.display())
+    }
+}
 
 /// The main file and every included file, parsed but not validated.
 #[derive(Debug)]
-pub struct Tree {}
+pub struct Tree {
+    /// `files[0]` is the main file.
+    pub files: Vec<SourceFile>,
+    pub main: RawConfig,
+    /// Every route with the index of the file it is in.
+    pub routes: Vec<(usize, Spanned<RawRoute>)>,
+    /// Problems found while reading includes (reported with validation's).
+    pub problems: Vec<Problem>,
+}
 
-/// Read the main file and its includes.
-pub fn read_tree(_path: &Path) -> Result<Tree, ConfigError> {
-    todo!("config loading")
+impl Tree {
+    /// A located problem in file `file` at `span`.
+    pub fn problem(&self, file: usize, span: Range<usize>, message: impl Into<String>) -> Problem {
+        let location = match self.files.get(file) {
+            Some(f) => f.locate(span.start),
+            None => String::new(),
+        };
+        Problem { location, message: message.into() }
+    }
+}
+
+fn toml_problem(file: &SourceFile, e: &toml::de::Error, hint: &str) -> Problem {
+    let location = match e.span() {
+        Some(s) => file.locate(s.start),
+        None => file.path.display().to_string(),
+    };
+    let message = e.message().trim().replace('\n', " ");
+    Problem { location, message: format!("{message}{hint}") }
+}
+
+fn read(path: &Path) -> Result<String, Problem> {
+    std::fs::read_to_string(path).map_err(|e| Problem {
+        location: path.display().to_string(),
+        message: format!("cannot read config: {e}"),
+    })
+}
+
+/// Read the main file and its includes. Fails only when the main file cannot
+/// be read or parsed; problems with included files are collected in
+/// [`Tree::problems`].
+pub fn read_tree(path: &Path) -> Result<Tree, ConfigError> {
+    let text = read(path).map_err(|p| ConfigError { problems: vec![p] })?;
+    let main_file = SourceFile { path: path.to_path_buf(), text };
+    let main: RawConfig = toml::from_str(&main_file.text)
+        .map_err(|e| ConfigError { problems: vec![toml_problem(&main_file, &e, "")] })?;
+    let mut tree = Tree { files: vec![main_file], main, routes: Vec::new(), problems: Vec::new() };
+    let routes = std::mem::take(&mut tree.main.route);
+    tree.routes.extend(routes.into_iter().map(|r| (0, r)));
+
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut seen: Vec<PathBuf> = vec![std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())];
+    let patterns: Vec<Spanned<String>> = tree.main.include.clone();
+    for pattern in patterns {
+        let span = pattern.span();
+        let joined = base.join(pattern.get_ref());
+        let is_glob = pattern.get_ref().contains(['*', '?', '[']);
+        let paths: Vec<PathBuf> = if is_glob {
+            match glob::glob(&joined.to_string_lossy()) {
+                Ok(iter) => {
+                    let mut v: Vec<PathBuf> = iter.filter_map(Result::ok).filter(|p| p.is_file()).collect();
+                    v.sort();
+                    v
+                }
+                Err(e) => {
+                    let p = tree.problem(
+                        0,
+                        span,
+                        format!("invalid include pattern {:?}: {e}", pattern.get_ref()),
+                    );
+                    tree.problems.push(p);
+                    continue;
+                }
+            }
+        } else {
+            vec![joined]
+        };
+        for file_path in paths {
+            let canonical = std::fs::canonicalize(&file_path).unwrap_or_else(|_| file_path.clone());
+            if seen.contains(&canonical) {
+                continue;
+            }
+            seen.push(canonical);
+            let text = match std::fs::read_to_string(&file_path) {
+                Ok(t) => t,
+                Err(e) => {
+                    let p = tree.problem(
+                        0,
+                        span.clone(),
+                        format!("cannot read included file {}: {e}", file_path.display()),
+                    );
+                    tree.problems.push(p);
+                    continue;
+                }
+            };
+            let file = SourceFile { path: file_path, text };
+            match toml::from_str::<RawInclude>(&file.text) {
+                Ok(inc) => {
+                    let idx = tree.files.len();
+                    tree.routes.extend(inc.route.into_iter().map(|r| (idx, r)));
+                    tree.files.push(file);
+                }
+                Err(e) => {
+                    let hint = if e.message().contains("unknown field") {
+                        " (included files may only contain [[route]] tables)"
+                    } else {
+                        ""
+                    };
+                    tree.problems.push(toml_problem(&file, &e, hint));
+                }
+            }
+        }
+    }
+    Ok(tree)
 }

@@ -91,7 +91,12 @@ impl Portgate {
         let config_path = dir.path().join("portgate.toml");
         std::fs::write(&config_path, &text).unwrap();
         let mut cmd = Command::new(BIN);
-        cmd.arg("run").arg("-c").arg(&config_path).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.arg("run")
+            .arg("-c")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         cmd.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET");
         for (k, v) in env {
             cmd.env(k, v);
@@ -131,7 +136,7 @@ impl Portgate {
 
     /// SIGHUP, then wait for the reload's outcome line; returns it.
     pub fn reload(&self) -> serde_json::Value {
-        let before = self.count_logs(|l| is_reload_outcome(l));
+        let before = self.count_logs(is_reload_outcome);
         self.signal(libc::SIGHUP);
         let deadline = Instant::now() + SOON;
         loop {
@@ -279,8 +284,11 @@ fn split_series(s: &str) -> (String, Vec<String>) {
         None => (s.to_string(), vec![]),
         Some((n, rest)) => {
             let inner = rest.trim_end_matches('}');
-            let mut labels: Vec<String> =
-                inner.split("\",").map(|p| p.trim_end_matches('"').to_string()).filter(|p| !p.is_empty()).collect();
+            let mut labels: Vec<String> = inner
+                .split("\",")
+                .map(|p| p.trim_end_matches('"').to_string())
+                .filter(|p| !p.is_empty())
+                .collect();
             labels.sort();
             (n.to_string(), labels)
         }
