@@ -105,10 +105,10 @@ pub fn check_summary(cfg: &Config) -> String {
     let _ = writeln!(
         s,
         "  keepalive: {} + {} x {} (NLB idle timeout {})",
-        humantime::format_duration(cfg.keepalive.time),
-        humantime::format_duration(cfg.keepalive.interval),
+        config::fmt_duration(cfg.keepalive.time),
+        config::fmt_duration(cfg.keepalive.interval),
         cfg.keepalive.retries,
-        humantime::format_duration(cfg.keepalive.idle_timeout_limit)
+        config::fmt_duration(cfg.keepalive.idle_timeout_limit)
     );
     let _ = writeln!(s, "  admin:     {}", cfg.admin.listen.map_or("off".to_string(), |a| a.to_string()));
     let _ = writeln!(s, "  hash:      {}", cfg.hash());

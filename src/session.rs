@@ -320,7 +320,7 @@ async fn read_header(stream: &TcpStream, timeout: Duration) -> HeaderRead {
             Err(_) => {
                 return HeaderRead::Failed(format!(
                 "no complete PROXY header within {} (proxy_protocol.header_timeout); {len} bytes received",
-                humantime::format_duration(timeout)
+                crate::config::fmt_duration(timeout)
             ))
             }
             Ok(Err(e)) => return HeaderRead::Failed(format!("reading PROXY header: {e}")),

@@ -30,7 +30,7 @@ pub async fn shutdown(server: &mut Server, signals: &mut mpsc::Receiver<Signal>)
     shared.ready.store(false, Ordering::Release);
     systemd::notify_stopping();
     tracing::info!(
-        shutdown_delay = %humantime::format_duration(timeouts.shutdown_delay),
+        shutdown_delay = %crate::config::fmt_duration(timeouts.shutdown_delay),
         sessions = shared.active_sessions(),
         "shutting down: readiness is off, listeners stay open for shutdown_delay"
     );
@@ -47,7 +47,7 @@ pub async fn shutdown(server: &mut Server, signals: &mut mpsc::Receiver<Signal>)
     // 3. drain
     if !hurry && !shared.sessions.is_empty() {
         tracing::info!(
-            drain = %humantime::format_duration(timeouts.drain),
+            drain = %crate::config::fmt_duration(timeouts.drain),
             sessions = shared.active_sessions(),
             "listeners closed; waiting for sessions to end"
         );

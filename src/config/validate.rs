@@ -306,8 +306,8 @@ pub fn validate(path: &Path, tree: &Tree) -> Result<Config, ConfigError> {
             span,
             format!(
                 "keepalive.time ({}) must be below keepalive.idle_timeout_limit ({}), or the NLB drops idle sessions before the first keepalive probe",
-                humantime::format_duration(time),
-                humantime::format_duration(limit)
+                super::fmt_duration(time),
+                super::fmt_duration(limit)
             ),
         );
     }
