@@ -446,3 +446,62 @@ fn real_prometheus_scrapes_portgate() {
     let _ = child.wait();
     assert!(found, "Prometheus never answered the query with accepted=1; last answer: {last}");
 }
+
+fn proc_status(pid: i32, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{key} not in /proc/{pid}/status"))
+}
+
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+#[test]
+fn a_thousand_reloads_leak_no_descriptors_or_memory() {
+    let echo = echo_server();
+    let base = free_ports(8);
+    let a = base_config("") + &route("r0", base, echo, "") + &route("r1", base + 1, echo, "");
+    let mut b = base_config("") + &route("r0", base, echo, "");
+    for j in 2..8u16 {
+        b += &route(&format!("r{j}"), base + j, echo, "allow = [\"127.0.0.1/32\"]");
+    }
+    let pg = Portgate::start(&a);
+    let mut session = open_session(base);
+    let mut flip = |i: usize| {
+        pg.write_config(if i % 2 == 0 { &b } else { &a });
+        assert_eq!(pg.reload()["message"], "config reloaded", "reload {i}");
+    };
+    // Warm up allocator pools and lazily created state.
+    for i in 0..100 {
+        flip(i);
+    }
+    let (fds0, rss0) = (open_fds(pg.pid()), proc_status(pg.pid(), "VmRSS:"));
+    for i in 100..1100 {
+        flip(i);
+    }
+    let (fds1, rss1) = (open_fds(pg.pid()), proc_status(pg.pid(), "VmRSS:"));
+    assert_eq!(fds1, fds0, "descriptors after 1000 reloads");
+    assert!(rss1 <= rss0 + 2048, "RSS grew from {rss0} KiB to {rss1} KiB over 1000 reloads");
+    assert!(still_echoes(&mut session), "the session on the unchanged route survived");
+}
+
+#[test]
+fn config_hash_changes_when_and_only_when_the_config_does() {
+    let echo = echo_server();
+    let port = free_port();
+    let pg = Portgate::start(&(base_config("[keepalive]\ntime = \"60s\"") + &route("h", port, echo, "")));
+    let hash = || pg.metrics().lines().find(|l| l.starts_with("portgate_config_info{")).unwrap().to_string();
+    let h0 = hash();
+    // Same meaning, different form: comments, order, duration spelling.
+    pg.write_config(
+        &(route("h", port, echo, "# a comment").replace("\n[[route]]", "[keepalive]\ntime = \"1m\"\n[access]\nallow = [ \"127.0.0.0/8\" ]\n[listen]\naddress = \"127.0.0.1\"\n[[route]]")),
+    );
+    assert_eq!(pg.reload()["message"], "config reloaded");
+    assert_eq!(hash(), h0, "a cosmetic change keeps the hash");
+    pg.write_config(&(base_config("[keepalive]\ntime = \"61s\"") + &route("h", port, echo, "")));
+    assert_eq!(pg.reload()["message"], "config reloaded");
+    assert_ne!(hash(), h0, "a behavioural change changes the hash");
+}
