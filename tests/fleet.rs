@@ -451,7 +451,7 @@ fn proc_status(pid: i32, key: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines()
         .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().split_whitespace().next()?.parse().ok())
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("{key} not in /proc/{pid}/status"))
 }
 
@@ -470,7 +470,7 @@ fn a_thousand_reloads_leak_no_descriptors_or_memory() {
     }
     let pg = Portgate::start(&a);
     let mut session = open_session(base);
-    let mut flip = |i: usize| {
+    let flip = |i: usize| {
         pg.write_config(if i % 2 == 0 { &b } else { &a });
         assert_eq!(pg.reload()["message"], "config reloaded", "reload {i}");
     };
