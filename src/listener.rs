@@ -15,9 +15,9 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -126,6 +126,48 @@ impl ListenerSet {
     }
 }
 
+/// Logs accept starvation (no descriptors or memory) once per episode for the
+/// whole process, and at most once per [`STARVATION_LOG_EVERY`], so a node
+/// hovering at its limit does not flood the journal.
+#[derive(Default)]
+pub struct Starvation {
+    /// Set while accepts are failing.
+    active: AtomicBool,
+    /// Whether the current episode was logged (then its end is logged too).
+    logged: AtomicBool,
+    last_logged: Mutex<Option<Instant>>,
+}
+
+/// Quiet period between two starvation log lines.
+pub const STARVATION_LOG_EVERY: Duration = Duration::from_secs(60);
+
+impl Starvation {
+    fn starved(&self, port: u16, e: &io::Error) {
+        if self.active.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut last = self.last_logged.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < STARVATION_LOG_EVERY) {
+            self.logged.store(false, Ordering::Release);
+            return;
+        }
+        *last = Some(Instant::now());
+        self.logged.store(true, Ordering::Release);
+        tracing::error!(
+            port,
+            error = %e,
+            "cannot accept connections: out of file descriptors or memory; pausing accepts and retrying \
+             (raise LimitNOFILE or lower max_connections); logged at most once a minute"
+        );
+    }
+
+    fn recovered(&self, port: u16) {
+        if self.active.swap(false, Ordering::AcqRel) && self.logged.swap(false, Ordering::AcqRel) {
+            tracing::info!(port, "accepting connections again");
+        }
+    }
+}
+
 fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
@@ -140,23 +182,15 @@ async fn accept_loop(listener: TcpListener, port: u16, shared: Arc<Shared>, canc
         };
         match res {
             Ok((stream, peer)) => {
-                if backoff.take().is_some() && shared.accept_starved.swap(false, Ordering::AcqRel) {
-                    tracing::info!(port, "accepting connections again");
+                if backoff.take().is_some() {
+                    shared.starvation.recovered(port);
                 }
                 shared.sessions.spawn(session::run(stream, peer, port, Arc::clone(&shared)));
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 let d = backoff.map_or(BACKOFF_MIN, |d| (d * 2).min(BACKOFF_MAX));
                 backoff = Some(d);
-                if !shared.accept_starved.swap(true, Ordering::AcqRel) {
-                    tracing::error!(
-                        port,
-                        error = %e,
-                        "cannot accept connections: out of file descriptors or memory; \
-                         pausing accepts and retrying (raise LimitNOFILE or lower max_connections); \
-                         logged once until it recovers"
-                    );
-                }
+                shared.starvation.starved(port, &e);
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(d) => {}

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::AdminServer;
 use crate::config::Config;
-use crate::listener::{BindError, ListenerSet};
+use crate::listener::{BindError, ListenerSet, Starvation};
 use crate::logging::LogControl;
 use crate::metrics::Metrics;
 use crate::routes::{RouteStates, RouteTable};
@@ -66,8 +66,8 @@ pub struct Shared {
     active: AtomicUsize,
     /// `/readyz`: every listener bound and not shutting down.
     pub ready: AtomicBool,
-    /// Set while accepts are failing for lack of descriptors (log once).
-    pub accept_starved: AtomicBool,
+    /// Accept starvation (descriptors or memory), logged once per episode.
+    pub starvation: Starvation,
     pub per_source: SourceLimiter,
 }
 
@@ -87,7 +87,7 @@ impl Shared {
             force_close: CancellationToken::new(),
             active: AtomicUsize::new(0),
             ready: AtomicBool::new(false),
-            accept_starved: AtomicBool::new(false),
+            starvation: Starvation::default(),
             per_source: SourceLimiter::default(),
         })
     }

@@ -346,6 +346,22 @@ pub fn connect(to: SocketAddr) -> TcpStream {
     s
 }
 
+/// Like [`roundtrip`], but an I/O error is returned, not a panic.
+pub fn try_roundtrip(mut s: TcpStream, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut w = s.try_clone()?;
+    let payload = data.to_vec();
+    let writer = thread::spawn(move || -> std::io::Result<()> {
+        w.write_all(&payload)?;
+        w.shutdown(Shutdown::Write)
+    });
+    let mut out = Vec::new();
+    let read = s.read_to_end(&mut out);
+    let wrote = writer.join().unwrap_or_else(|_| Err(std::io::Error::other("writer panicked")));
+    read?;
+    wrote?;
+    Ok(out)
+}
+
 /// Write `data`, half-close, and read everything back.
 pub fn roundtrip(mut s: TcpStream, data: &[u8]) -> Vec<u8> {
     let mut w = s.try_clone().unwrap();
