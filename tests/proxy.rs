@@ -608,3 +608,45 @@ target = "{echo}"
     }
     assert!(!line.contains("portgate::"), "module path must not be printed: {line}");
 }
+
+/// `ss` lines for established sockets matching `filter`.
+fn ss(filter: &str) -> String {
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", filter])
+        .output()
+        .expect("ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn keepalive_is_armed_on_both_sockets_of_a_session() {
+    let echo = echo_server();
+    let port = free_port();
+    let _pg = Portgate::start(&format!(
+        r#"
+[listen]
+address = "127.0.0.1"
+[keepalive]
+time = "37s"
+interval = "5s"
+retries = 3
+[access]
+allow = ["127.0.0.0/8"]
+[[route]]
+name = "ka"
+port = {port}
+target = "{echo}"
+"#
+    ));
+    let mut s = connect(addr(port));
+    s.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).unwrap();
+    // portgate's client-side socket: local port = the listener port.
+    let client_side = ss(&format!("( sport = :{port} )"));
+    // portgate's target-side socket: remote port = the echo target's port.
+    let target_side = ss(&format!("( dport = :{} )", echo.port()));
+    for (side, text) in [("client", &client_side), ("target", &target_side)] {
+        assert!(text.contains("timer:(keepalive,3"), "{side} socket has no keepalive timer near 37s: {text}");
+    }
+}
