@@ -127,7 +127,13 @@ fn strip_proxy_header(buf: &[u8], peer: SocketAddr, shared: &Shared) -> Strip {
     };
     match proxy_protocol::parse(buf) {
         Ok(None) => Strip::NeedMore,
-        Ok(Some((_, used))) if trusted => Strip::Start(used),
+        Ok(Some((h, used))) if trusted => {
+            // The NLB's HTTP health check arrives behind a LOCAL header.
+            if h.command == proxy_protocol::Command::Local {
+                shared.metrics.health_checks.increment(1);
+            }
+            Strip::Start(used)
+        }
         _ => Strip::Reject,
     }
 }

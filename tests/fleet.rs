@@ -505,3 +505,33 @@ fn config_hash_changes_when_and_only_when_the_config_does() {
     assert_eq!(pg.reload()["message"], "config reloaded");
     assert_ne!(hash(), h0, "a behavioural change changes the hash");
 }
+
+#[test]
+fn admin_readyz_behind_a_proxy_header_as_nlb_health_check() {
+    use portgate::proxy_protocol::{encode_v2, Command as PpCommand};
+    let pg =
+        Portgate::start(&base_config("[proxy_protocol]\nmode = \"required\"\ntrusted = [\"127.0.0.1/32\"]"));
+    let ask = |from: &str, prefix: &[u8]| {
+        let mut s = connect_from(from, pg.admin);
+        let mut req = prefix.to_vec();
+        req.extend_from_slice(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(&req).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    // The NLB's HTTP check: LOCAL header (no address block), then the request.
+    let local = encode_v2(PpCommand::Local, None, None, &[]);
+    assert!(ask("127.0.0.1", &local).starts_with("HTTP/1.1 200"), "readyz behind LOCAL");
+    pg.wait_metric("portgate_health_checks_total", 1.0);
+    let proxy = encode_v2(
+        PpCommand::Proxy,
+        Some(("10.0.0.9:1".parse().unwrap(), "10.0.0.1:9090".parse().unwrap())),
+        None,
+        &[],
+    );
+    assert!(ask("127.0.0.1", &proxy).starts_with("HTTP/1.1 200"));
+    // Plain HTTP still works; a header from an untrusted peer does not.
+    assert!(ask("127.0.0.2", b"").starts_with("HTTP/1.1 200"));
+    assert!(ask("127.0.0.2", &local).starts_with("HTTP/1.1 400"));
+}
