@@ -37,6 +37,12 @@ const MAX_KEEPALIVE_RETRIES: i64 = 127;
 /// Route names appear in metric labels and ssh aliases: keep them short.
 const MAX_NAME_LEN: usize = 64;
 
+/// Longest duration accepted anywhere: far beyond any sensible setting, and
+/// small enough that adding it to the current time can never overflow.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Linux caps TCP_KEEPIDLE and TCP_KEEPINTVL at 32767 s.
+const MAX_KEEPALIVE_SECS: u64 = 32767;
+
 const DURATION_HINT: &str = "expected a number with a unit, like \"500ms\", \"60s\" or \"5m\"";
 
 struct Ctx<'a> {
@@ -60,6 +66,14 @@ impl Ctx<'_> {
         match v {
             None => default,
             Some(s) => match humantime::parse_duration(s.get_ref().trim()) {
+                Ok(d) if d > MAX_DURATION => {
+                    self.err(
+                        file,
+                        s.span(),
+                        format!("{key} = {:?} is longer than a year; use a shorter duration", s.get_ref()),
+                    );
+                    default
+                }
                 Ok(d) => d,
                 Err(_) => {
                     self.err(
@@ -88,6 +102,16 @@ impl Ctx<'_> {
     /// A keepalive duration: whole seconds (the kernel takes seconds), >= 1s.
     fn seconds(&mut self, key: &str, v: &Option<Spanned<String>>, default: Duration) -> Duration {
         let d = self.positive(key, v, default);
+        if d.as_secs() > MAX_KEEPALIVE_SECS {
+            if let Some(s) = v {
+                self.err(
+                    0,
+                    s.span(),
+                    format!("{key} = {:?}: Linux allows at most {MAX_KEEPALIVE_SECS}s", s.get_ref()),
+                );
+            }
+            return default;
+        }
         if d.subsec_nanos() != 0 || d < Duration::from_secs(1) {
             if let Some(s) = v {
                 self.err(
@@ -567,6 +591,17 @@ pub fn validate(path: &Path, tree: &Tree) -> Result<Config, ConfigError> {
         routes.push(route);
     }
 
+    if let (Some(a), Some(span)) = (admin, raw.admin.listen.as_ref().map(|s| s.span())) {
+        let overlaps = a.ip() == address || a.ip().is_unspecified() || address.is_unspecified();
+        let taken = match ports {
+            Some(r) => r.contains(a.port()),
+            None => routes.iter().any(|r| r.port == a.port()),
+        };
+        if overlaps && taken && a.port() != 0 {
+            cx.err(0, span, format!("admin.listen {a} uses port {} that portgate also listens on for routes; pick a port outside them", a.port()));
+        }
+    }
+
     if !cx.problems.is_empty() {
         return Err(ConfigError { problems: cx.problems });
     }
@@ -697,5 +732,17 @@ mod tests {
         assert!(parse_ports(&PortsValue::Text("8049-8000".into())).is_err());
         assert!(parse_ports(&PortsValue::Text("0-10".into())).is_err());
         assert!(parse_ports(&PortsValue::Number(70000)).is_err());
+    }
+
+    #[test]
+    fn absurd_durations_and_admin_port_clashes_are_refused() {
+        let p = problems(&format!(
+            "{MINIMAL}[timeouts]\nrevoke_grace = \"1000000000y\"\n[keepalive]\ninterval = \"40000s\"\n"
+        ));
+        let text = p.join("\n");
+        assert!(text.contains("timeouts.revoke_grace = \"1000000000y\" is longer than a year"), "{text}");
+        assert!(text.contains("keepalive.interval = \"40000s\": Linux allows at most 32767s"), "{text}");
+        let p = problems(&format!("{MINIMAL}[admin]\nlisten = \"0.0.0.0:8022\"\n"));
+        assert!(p[0].contains("uses port 8022"), "{p:?}");
     }
 }
