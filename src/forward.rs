@@ -30,8 +30,8 @@ use crate::sockopt::set_reset_on_close;
 /// Size of one forwarding buffer. Large enough that bulk copies run at a few
 /// syscalls per 64 KiB; pooled, so idle sessions do not pay for it.
 pub const BUF_SIZE: usize = 64 * 1024;
-/// Buffers kept per worker thread for reuse.
-const POOL_MAX: usize = 64;
+/// Buffers kept per worker thread for reuse (1 MiB per thread at most).
+const POOL_MAX: usize = 16;
 /// Read/write rounds per poll before yielding, so a bulk session cannot
 /// starve the other sessions on its worker.
 const ROUNDS_PER_POLL: usize = 32;

@@ -120,6 +120,13 @@ fn descriptor_exhaustion_is_survived_logged_once_and_recovered() {
         ),
     )
     .unwrap();
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut child = Command::new("prlimit")
         .arg("--nofile=128:128")
         .arg(BIN)
@@ -131,6 +138,7 @@ fn descriptor_exhaustion_is_survived_logged_once_and_recovered() {
         .spawn()
         .expect("prlimit (util-linux)");
     let stderr = child.stderr.take().unwrap();
+    let mut child = KillOnDrop(child);
     let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let sink = Arc::clone(&lines);
     thread::spawn(move || {
@@ -158,7 +166,7 @@ fn descriptor_exhaustion_is_survived_logged_once_and_recovered() {
     wait_for(&|l| l.contains("out of file descriptors"));
     // Still alive, still answering its admin port? Descriptors are exhausted, so
     // only check the process is alive, then free descriptors.
-    assert!(child.try_wait().unwrap().is_none(), "portgate died under descriptor exhaustion");
+    assert!(child.0.try_wait().unwrap().is_none(), "portgate died under descriptor exhaustion");
     drop(held);
     // Serves again as soon as descriptors free up.
     let deadline = Instant::now() + SOON;
@@ -173,8 +181,7 @@ fn descriptor_exhaustion_is_survived_logged_once_and_recovered() {
     wait_for(&|l| l.contains("accepting connections again"));
     let starved = lines.lock().unwrap().iter().filter(|l| l.contains("out of file descriptors")).count();
     assert_eq!(starved, 1, "logged once per exhaustion episode:\n{}", lines.lock().unwrap().join("\n"));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }
 
 #[test]

@@ -184,6 +184,13 @@ async fn phase(pg: Arc<Portgate>, base: u16, echo: SocketAddr, secs: u64) -> (u6
         s.read_exact(&mut b).await.unwrap_or_else(|e| panic!("idle session {i} died: {e}"));
     }
     drop(idle);
+    // End every phase on the same config, so the listener count compares.
+    tokio::task::spawn_blocking(move || {
+        pg.write_config(&config(base, echo, false));
+        assert_eq!(pg.reload()["message"], "config reloaded");
+    })
+    .await
+    .unwrap();
     let errors = errors.lock().unwrap().clone();
     (ok.load(Ordering::Relaxed), errors)
 }
@@ -212,7 +219,9 @@ fn soak_sessions_churn_and_reloads() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let base = free_ports(ROUTES + 5);
     let echo = rt.block_on(echo_server());
-    let pg = Arc::new(Portgate::start(&config(base, echo, false)));
+    // One malloc arena: freed memory is reused instead of spread over per-thread
+    // arenas, so RSS compares between phases (a leak still shows).
+    let pg = Arc::new(Portgate::start_with(&config(base, echo, false), &[("MALLOC_ARENA_MAX", "1")]));
     let pid = pg.pid();
 
     // Warm-up phase: the same load, shorter; then the baseline.
@@ -234,8 +243,15 @@ fn soak_sessions_churn_and_reloads() {
     eprintln!(
         "soak: {ok} churn sessions verified in {secs}s; fds {fds0} -> {fds1}; RSS {rss0} -> {rss1} KiB"
     );
-    assert_eq!(fds1, fds0, "descriptors back to baseline");
-    assert!(rss1 <= rss0 + 8 * 1024, "RSS grew from {rss0} KiB to {rss1} KiB");
+    // A leak persists; a scrape's connection closing a moment late does not.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut fds1 = fds1;
+    while fds1 > fds0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        fds1 = open_fds(pid);
+    }
+    assert!(fds1 <= fds0, "descriptors back to baseline: {fds0} before, {fds1} after");
+    assert!(rss1 <= rss0 + 4 * 1024, "RSS grew from {rss0} KiB to {rss1} KiB");
     // Nothing unexplained in the node's log either.
     let bad = pg.events(|v| v["level"] == "ERROR" || v["level"] == "WARN" || v["close"] == "error");
     assert!(bad.is_empty(), "errors or warnings logged: {bad:#?}");
