@@ -152,6 +152,7 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, port: u16, shared: Arc<Sha
         Err(e) => {
             let kind = classify(&e);
             state.metrics.connect_error(kind).increment(1);
+            close_cleanly(&stream);
             tracing::info!(
                 route = %entry.route.name,
                 tenant = %entry.route.tenant,
@@ -377,6 +378,21 @@ async fn reject_or_probe(
         }
     }
     reject(shared, info, entry, reason, "");
+    close_cleanly(stream);
+}
+
+/// Close with FIN rather than a reset: read what the client already sent
+/// (an SSH banner, say), then half-close. Bytes arriving later may still
+/// draw a reset when the socket is dropped.
+fn close_cleanly(stream: &TcpStream) {
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        match stream.try_read(&mut sink) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
 }
 
 /// Resolves to true if the peer closes (or resets) before sending data,

@@ -18,13 +18,20 @@ use crate::config::Keepalive;
 /// at `net.core.somaxconn`.
 pub const LISTEN_BACKLOG: i32 = 4096;
 
-/// Set TCP keepalive and TCP_NODELAY on a session socket. `side` names it in
+/// Set TCP keepalive, TCP_USER_TIMEOUT and TCP_NODELAY on a session socket. `side` names it in
 /// the warning ("client" or "target").
 pub fn apply_session_opts(stream: &TcpStream, ka: &Keepalive, side: &'static str) {
     let sock = SockRef::from(stream);
     let params = TcpKeepalive::new().with_time(ka.time).with_interval(ka.interval).with_retries(ka.retries);
     if let Err(e) = sock.set_tcp_keepalive(&params) {
         tracing::warn!(side, error = %e, "could not set TCP keepalive; idle sessions may be cut by the NLB");
+    }
+    // Keepalive only probes idle sockets. A peer that vanishes while data is
+    // in flight would otherwise hold the session for the kernel's ~15 minutes
+    // of retransmissions; give up in the same time keepalive would.
+    let user_timeout = ka.time + ka.interval * ka.retries;
+    if let Err(e) = sock.set_tcp_user_timeout(Some(user_timeout)) {
+        tracing::warn!(side, error = %e, "could not set TCP_USER_TIMEOUT");
     }
     if let Err(e) = sock.set_nodelay(true) {
         tracing::warn!(side, error = %e, "could not set TCP_NODELAY");
@@ -99,6 +106,7 @@ mod tests {
             assert_eq!(r.keepalive_interval().unwrap(), Duration::from_secs(11));
             assert_eq!(r.keepalive_retries().unwrap(), 5);
             assert!(r.nodelay().unwrap());
+            assert_eq!(r.tcp_user_timeout().unwrap(), Some(Duration::from_secs(37 + 11 * 5)));
         }
     }
 

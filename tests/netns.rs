@@ -875,7 +875,6 @@ fn a_dead_idle_flow_is_reaped_by_keepalive() {
 /// retransmits for ~15 minutes (tcp_retries2) before portgate hears of it,
 /// holding the route's connection slot and two descriptors all that time.
 #[test]
-#[ignore = "portgate gap: no TCP_USER_TIMEOUT; a dead flow with unacknowledged data lingers ~15 min"]
 fn a_dead_flow_with_unacknowledged_data_is_reaped_in_keepalive_time() {
     if !netns_or_skip("dead_busy_flow") {
         return;
