@@ -194,6 +194,14 @@ fn toml_problem(file: &SourceFile, e: &toml::de::Error, hint: &str) -> Problem {
 }
 
 fn read(path: &Path) -> Result<String, Problem> {
+    if let Ok(m) = std::fs::metadata(path) {
+        if !m.is_file() {
+            return Err(Problem {
+                location: path.display().to_string(),
+                message: "cannot read config: not a regular file".into(),
+            });
+        }
+    }
     std::fs::read_to_string(path).map_err(|e| Problem {
         location: path.display().to_string(),
         message: format!("cannot read config: {e}"),
@@ -245,6 +253,20 @@ pub fn read_tree(path: &Path) -> Result<Tree, ConfigError> {
                 continue;
             }
             seen.push(canonical);
+            // Only regular files: opening a FIFO or a device would block or
+            // read forever.
+            match std::fs::metadata(&file_path) {
+                Ok(m) if !m.is_file() => {
+                    let p = tree.problem(
+                        0,
+                        span.clone(),
+                        format!("included path {} is not a regular file", file_path.display()),
+                    );
+                    tree.problems.push(p);
+                    continue;
+                }
+                _ => {}
+            }
             let text = match std::fs::read_to_string(&file_path) {
                 Ok(t) => t,
                 Err(e) => {
