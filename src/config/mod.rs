@@ -14,6 +14,7 @@
 //! SIGHUP reload all call [`load`] off to the side.
 
 pub mod raw;
+pub mod render;
 pub mod validate;
 
 use std::fmt;
@@ -236,7 +237,7 @@ impl Config {
 
     /// sha256 (hex) over a canonical form of the effective config: includes
     /// resolved, defaults filled, routes sorted by port then via, durations in
-    /// milliseconds. Comments, whitespace, key order, the spelling of a
+    /// nanoseconds. Comments, whitespace, key order, the spelling of a
     /// duration and file paths do not change it.
     pub fn hash(&self) -> String {
         use sha2::{Digest, Sha256};
@@ -273,20 +274,26 @@ impl Config {
 
 /// A duration as a config would write it: `"350s"`, `"1500ms"`.
 pub fn fmt_duration(d: Duration) -> String {
-    if d.subsec_nanos() == 0 {
+    let nanos = d.subsec_nanos();
+    if nanos == 0 {
         format!("{}s", d.as_secs())
-    } else {
+    } else if nanos % 1_000_000 == 0 {
         format!("{}ms", d.as_millis())
+    } else if nanos % 1_000 == 0 {
+        format!("{}us", d.as_micros())
+    } else {
+        format!("{}ns", d.as_nanos())
     }
 }
 
+// Nanoseconds: every distinct duration hashes differently.
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u128(d.as_millis())
+    s.serialize_u128(d.as_nanos())
 }
 
 fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
     match d {
-        Some(d) => s.serialize_some(&d.as_millis()),
+        Some(d) => s.serialize_some(&d.as_nanos()),
         None => s.serialize_none(),
     }
 }

@@ -14,6 +14,11 @@ use toml::Spanned;
 
 use super::{ConfigError, Problem};
 
+/// Largest config or include file read: far above any real route table (10,000
+/// routes take about 1 MiB),
+/// small enough that a wrong path (a log, a device) is refused, not read.
+const MAX_FILE_BYTES: u64 = 16 << 20;
+
 /// A spanned optional list of spanned strings (`allow`, `endpoints`, ...).
 pub type SpannedList = Spanned<Vec<Spanned<String>>>;
 
@@ -195,10 +200,17 @@ fn toml_problem(file: &SourceFile, e: &toml::de::Error, hint: &str) -> Problem {
 
 fn read(path: &Path) -> Result<String, Problem> {
     if let Ok(m) = std::fs::metadata(path) {
-        if !m.is_file() {
+        let why = if !m.is_file() {
+            Some("not a regular file".to_string())
+        } else if m.len() > MAX_FILE_BYTES {
+            Some(format!("larger than {MAX_FILE_BYTES} bytes"))
+        } else {
+            None
+        };
+        if let Some(why) = why {
             return Err(Problem {
                 location: path.display().to_string(),
-                message: "cannot read config: not a regular file".into(),
+                message: format!("cannot read config: {why}"),
             });
         }
     }
@@ -255,17 +267,19 @@ pub fn read_tree(path: &Path) -> Result<Tree, ConfigError> {
             seen.push(canonical);
             // Only regular files: opening a FIFO or a device would block or
             // read forever.
-            match std::fs::metadata(&file_path) {
-                Ok(m) if !m.is_file() => {
-                    let p = tree.problem(
-                        0,
-                        span.clone(),
-                        format!("included path {} is not a regular file", file_path.display()),
-                    );
-                    tree.problems.push(p);
-                    continue;
-                }
-                _ => {}
+            let problem = match std::fs::metadata(&file_path) {
+                Ok(m) if !m.is_file() => Some("not a regular file".to_string()),
+                Ok(m) if m.len() > MAX_FILE_BYTES => Some(format!("larger than {MAX_FILE_BYTES} bytes")),
+                _ => None,
+            };
+            if let Some(why) = problem {
+                let p = tree.problem(
+                    0,
+                    span.clone(),
+                    format!("cannot read included file {}: {why}", file_path.display()),
+                );
+                tree.problems.push(p);
+                continue;
             }
             let text = match std::fs::read_to_string(&file_path) {
                 Ok(t) => t,

@@ -591,14 +591,23 @@ pub fn validate(path: &Path, tree: &Tree) -> Result<Config, ConfigError> {
         routes.push(route);
     }
 
-    if let (Some(a), Some(span)) = (admin, raw.admin.listen.as_ref().map(|s| s.span())) {
+    if let Some(a) = admin {
+        let span = raw.admin.listen.as_ref().map(|s| s.span()).unwrap_or(0..0);
         let overlaps = a.ip() == address || a.ip().is_unspecified() || address.is_unspecified();
         let taken = match ports {
             Some(r) => r.contains(a.port()),
             None => routes.iter().any(|r| r.port == a.port()),
         };
         if overlaps && taken && a.port() != 0 {
-            cx.err(0, span, format!("admin.listen {a} uses port {} that portgate also listens on for routes; pick a port outside them", a.port()));
+            let default = if raw.admin.listen.is_none() { " (the default)" } else { "" };
+            cx.err(
+                0,
+                span,
+                format!(
+                    "admin.listen {a}{default} uses port {} that portgate also listens on for routes; set [admin] listen to a port outside them",
+                    a.port()
+                ),
+            );
         }
     }
 
