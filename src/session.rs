@@ -153,22 +153,9 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, port: u16, shared: Arc<Sha
             let kind = classify(&e);
             state.metrics.connect_error(kind).increment(1);
             close_cleanly(&stream);
-            tracing::info!(
-                route = %entry.route.name,
-                tenant = %entry.route.tenant,
-                port,
-                client = %info.client.0,
-                peer = %info.peer.0,
-                endpoint = %info.endpoint.as_deref().unwrap_or("-"),
-                target = %entry.route.target,
-                bytes_to_target = 0u64,
-                bytes_to_client = 0u64,
-                duration_ms = started.elapsed().as_millis() as u64,
-                close = %CloseReason::Error.as_str(),
-                error = %e,
-                error_kind = %kind.as_str(),
-                "session closed"
-            );
+            let end =
+                SessionEnd { route: &entry.route, info: &info, bytes: (0, 0), elapsed: started.elapsed() };
+            end.log(CloseReason::Error, Some(&e), Some(kind.as_str()));
             return;
         }
     };
@@ -187,36 +174,39 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, port: u16, shared: Arc<Sha
     drop(source_slot);
     drop(route_slot);
 
-    match error {
-        Some(e) => tracing::info!(
-            route = %entry.route.name,
-            tenant = %entry.route.tenant,
-            port,
-            client = %info.client.0,
-            peer = %info.peer.0,
-            endpoint = %info.endpoint.as_deref().unwrap_or("-"),
-            target = %entry.route.target,
-            bytes_to_target = to_target,
-            bytes_to_client = to_client,
-            duration_ms = elapsed.as_millis() as u64,
+    let end = SessionEnd { route: &entry.route, info: &info, bytes: (to_target, to_client), elapsed };
+    end.log(close, error.as_ref().map(|e| e as &dyn std::fmt::Display), None);
+}
+
+/// What the session-end log line says; filled in as the session runs.
+struct SessionEnd<'a> {
+    route: &'a Route,
+    info: &'a ConnInfo,
+    /// (to_target, to_client)
+    bytes: (u64, u64),
+    elapsed: Duration,
+}
+
+impl SessionEnd<'_> {
+    /// The one line per session end (the contract's fields, plus `error` and
+    /// `error_kind` when there is one).
+    fn log(&self, close: CloseReason, error: Option<&dyn std::fmt::Display>, error_kind: Option<&str>) {
+        tracing::info!(
+            route = %self.route.name,
+            tenant = %self.route.tenant,
+            port = self.info.port,
+            client = %self.info.client.0,
+            peer = %self.info.peer.0,
+            endpoint = %self.info.endpoint.as_deref().unwrap_or("-"),
+            target = %self.route.target,
+            bytes_to_target = self.bytes.0,
+            bytes_to_client = self.bytes.1,
+            duration_ms = self.elapsed.as_millis() as u64,
             close = %close.as_str(),
-            error = %e,
+            error = error.map(tracing::field::display),
+            error_kind = error_kind.map(tracing::field::display),
             "session closed"
-        ),
-        None => tracing::info!(
-            route = %entry.route.name,
-            tenant = %entry.route.tenant,
-            port,
-            client = %info.client.0,
-            peer = %info.peer.0,
-            endpoint = %info.endpoint.as_deref().unwrap_or("-"),
-            target = %entry.route.target,
-            bytes_to_target = to_target,
-            bytes_to_client = to_client,
-            duration_ms = elapsed.as_millis() as u64,
-            close = %close.as_str(),
-            "session closed"
-        ),
+        );
     }
 }
 

@@ -75,6 +75,7 @@ target = "{echo_b}"
     }
     assert_eq!(ev["target"], echo_a.to_string());
     assert_eq!(ev["close"], "client_closed");
+    assert!(ev.get("error").is_none(), "no error field on a clean close: {ev}");
     assert_eq!(ev["bytes_to_target"], 3u64 << 20);
 }
 
@@ -335,6 +336,8 @@ target = "{echo}"
     assert!(started.elapsed() < Duration::from_secs(2), "closed within 2 s");
     let ev = pg.wait_event("session closed", 1);
     assert_eq!(ev["close"], "error");
+    assert_eq!(ev["error_kind"], "refused");
+    assert!(ev["error"].as_str().unwrap().contains("refused"), "{ev}");
     assert_eq!(ev["route"], "dead");
     pg.wait_metric(r#"portgate_upstream_connect_errors_total{route="dead",kind="refused"}"#, 1.0);
     // accepted counts admission, not dial success.
