@@ -20,19 +20,38 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_portgate");
 /// Generous bound for anything that should happen "at once" on a loaded CI box.
 pub const SOON: Duration = Duration::from_secs(10);
 
-/// A block of `n` consecutive free loopback ports.
+/// A block of `n` consecutive free loopback ports, reserved for this test
+/// process.
+///
+/// nextest runs every test in its own process, and tests that reload
+/// portgate release a port and bind it again later. A port that is merely
+/// free at the moment could be handed to another test in between, so each
+/// port is also claimed with an exclusive lock on a file named after it
+/// (held until this process exits); other test processes skip locked ports.
 pub fn free_ports(n: u16) -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    // Spread test processes (nextest runs one per test) over 20000-32000.
+    static CLAIMS: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("portgate-test-ports");
+    std::fs::create_dir_all(&dir).expect("create the port claim directory");
+    // Spread test processes over 20000-32000 (below the ephemeral range).
     let seed = (std::process::id() as u16).wrapping_mul(97) % 12000;
     'search: for _ in 0..1000 {
         let off = NEXT.fetch_add(n + 1, Ordering::Relaxed);
         let base = 20000 + (seed.wrapping_add(off)) % (12000 - n);
+        let mut claims = Vec::with_capacity(n as usize);
         for p in base..base + n {
-            if TcpListener::bind(("127.0.0.1", p)).is_err() {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(p.to_string()))
+                .expect("open a port claim file");
+            if file.try_lock().is_err() || TcpListener::bind(("127.0.0.1", p)).is_err() {
                 continue 'search;
             }
+            claims.push(file);
         }
+        CLAIMS.lock().unwrap().extend(claims);
         return base;
     }
     panic!("no block of {n} free ports");
