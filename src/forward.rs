@@ -40,6 +40,10 @@ const POOL_MAX: usize = 64;
 /// Read/write rounds per poll before yielding, so a bulk session cannot
 /// starve the other sessions on its worker.
 const ROUNDS_PER_POLL: usize = 32;
+/// A splice that moves less than this switches the direction back to
+/// read/write.
+#[cfg(target_os = "linux")]
+const SPLICE_MIN: usize = 16 * 1024;
 
 thread_local! {
     static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
@@ -176,8 +180,12 @@ struct Half {
     /// Bytes in `pipe` not yet spliced out.
     #[cfg(target_os = "linux")]
     in_pipe: usize,
-    /// This direction copies through a buffer (splice off or refused).
+    /// This direction copies through a buffer right now. It starts so (small
+    /// interactive reads are cheapest as read/write) and switches to splice
+    /// when a read fills the whole buffer, back when splices turn small.
     buffered: bool,
+    /// Never splice (forced, refused by the kernel, or not Linux).
+    no_splice: bool,
     read_eof: bool,
     write_shut: bool,
     total: u64,
@@ -244,7 +252,7 @@ impl<'a> Forward<'a> {
         idle: Option<Duration>,
         sink: &'a (dyn ByteSink + Sync),
     ) -> Self {
-        let mut c2t = Half::default();
+        let mut c2t = Half { buffered: true, ..Half::default() };
         if !early.is_empty() {
             let mut buf = take_buf();
             // Early bytes are bounded by the header read buffer, far below BUF_SIZE.
@@ -257,14 +265,15 @@ impl<'a> Forward<'a> {
             let now = Instant::now();
             (d, Box::pin(tokio::time::sleep_until(now + d)), now)
         });
-        Forward { client, target, c2t, t2c: Half::default(), first_fin: None, idle, sink }
+        let t2c = Half { buffered: true, ..Half::default() };
+        Forward { client, target, c2t, t2c, first_fin: None, idle, sink }
     }
 
     /// Copy through user-space buffers only (no splice): the portable path,
     /// forced (for tests and comparison).
     pub fn buffered(mut self) -> Self {
-        self.c2t.buffered = true;
-        self.t2c.buffered = true;
+        self.c2t.no_splice = true;
+        self.t2c.no_splice = true;
         self
     }
 
@@ -351,7 +360,7 @@ fn poll_half(
             continue;
         }
         #[cfg(target_os = "linux")]
-        if !half.buffered {
+        if !half.buffered || half.in_pipe > 0 {
             match splice_step(cx, src, dst, half, count) {
                 Step::Progress => {
                     progress = true;
@@ -359,7 +368,10 @@ fn poll_half(
                 }
                 Step::Retry => continue,
                 Step::Blocked => return Ok(progress),
-                Step::Fallback => half.buffered = true,
+                Step::Fallback => {
+                    half.buffered = true;
+                    half.no_splice = true;
+                }
                 Step::Eof => {}
                 Step::Err(e) => return Err(e),
             }
@@ -384,7 +396,7 @@ fn poll_half(
             Poll::Ready(Ok(())) => {}
         }
         let buf = half.buf.get_or_insert_with(take_buf);
-        match src.try_read(buf) {
+        match read_clearing(src, buf) {
             Ok(0) => {
                 half.read_eof = true;
                 progress = true;
@@ -393,6 +405,10 @@ fn poll_half(
                 half.start = 0;
                 half.end = n;
                 progress = true;
+                // A full buffer: bulk data is flowing, splice the rest.
+                if n == buf.len() && !half.no_splice && cfg!(target_os = "linux") {
+                    half.buffered = false;
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(HalfErr::Read(e)),
@@ -401,6 +417,33 @@ fn poll_half(
     // Still work to do: yield to other sessions, then come back.
     cx.waker().wake_by_ref();
     Ok(progress)
+}
+
+/// Read into `buf`. A short read means the socket had no more data, so the
+/// readiness is cleared at once (as tokio's own `poll_read` does): the next
+/// round waits for the next event instead of paying a read that fails with
+/// `EAGAIN`.
+fn read_clearing(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut short = None;
+    let fd = src.as_raw_fd();
+    let r = src.try_io(tokio::io::Interest::READABLE, || {
+        // SAFETY: buf is valid for buf.len() bytes; fd is open while src lives.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        if n > 0 && n < buf.len() {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match short {
+        Some(n) => Ok(n),
+        None => r,
+    }
 }
 
 #[cfg(target_os = "linux")]
@@ -478,6 +521,10 @@ fn splice_step(
         }
         Ok(n) => {
             half.in_pipe = n;
+            // Small pieces again (interactive traffic): read/write is cheaper.
+            if n < SPLICE_MIN {
+                half.buffered = true;
+            }
             Step::Progress
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Retry,
