@@ -172,7 +172,10 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, port: u16, shared: Arc<Sha
         }
     };
     state.metrics.connect_duration.record(started.elapsed().as_secs_f64());
-    sockopt::apply_session_opts(&stream, &snap.config.keepalive, "client");
+    // The client socket inherited keepalive and nodelay from its listener.
+    if !sockopt::ACCEPTED_INHERIT_OPTS {
+        sockopt::apply_session_opts(&stream, &snap.config.keepalive, "client");
+    }
     sockopt::apply_session_opts(&target, &snap.config.keepalive, "target");
 
     // 4. Forward until both sides close, or revocation / shutdown.
