@@ -6,8 +6,13 @@
 //! (`shutdown(SHUT_WR)`), a reset as a reset (SO_LINGER 0, then close). The
 //! session ends when both directions have seen EOF and delivered everything.
 //!
-//! Buffers come from a small per-thread pool and go back whenever a direction
-//! has nothing in flight, so an idle session holds no buffer at all.
+//! On Linux, bulk data moves with splice(2) through a pipe (socket -> pipe ->
+//! socket), never copied through user space. Pipes and buffers come from small
+//! per-thread pools and go back whenever a direction has nothing in flight, so
+//! an idle session holds neither. The buffer copy is the portable path, and the
+//! fallback when splice is refused (e.g. `EINVAL` for a socket type the kernel
+//! cannot splice); early bytes (read with the PROXY header) always go through
+//! it first.
 //!
 //! This module knows nothing about routes or logs: it reports byte counts
 //! through [`ByteSink`] in batches (one call per write, never per byte) and
@@ -35,9 +40,86 @@ const POOL_MAX: usize = 16;
 /// Read/write rounds per poll before yielding, so a bulk session cannot
 /// starve the other sessions on its worker.
 const ROUNDS_PER_POLL: usize = 32;
+/// A splice that moves less than this switches the direction back to
+/// read/write.
+#[cfg(target_os = "linux")]
+const SPLICE_MIN: usize = 16 * 1024;
 
 thread_local! {
     static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+#[cfg(target_os = "linux")]
+mod pipe {
+    //! splice(2) through a pipe, with a per-thread pool of empty pipes.
+    use std::cell::RefCell;
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+    /// Pipe capacity asked for (F_SETPIPE_SZ); the kernel may keep its default.
+    const PIPE_SIZE: libc::c_int = 256 * 1024;
+    /// Bytes asked of one splice call.
+    pub const CHUNK: usize = PIPE_SIZE as usize;
+    /// Pipes kept per worker thread (two descriptors each).
+    const POOL_MAX: usize = 16;
+
+    /// An empty pipe while it sits in the pool.
+    pub struct Pipe {
+        pub r: OwnedFd,
+        pub w: OwnedFd,
+    }
+
+    thread_local! {
+        static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn take() -> io::Result<Pipe> {
+        if let Some(p) = PIPES.with(|p| p.borrow_mut().pop()) {
+            return Ok(p);
+        }
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: fds is a valid array of two ints.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 just returned these two descriptors to us.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // A larger pipe means fewer splice calls per MB; failure is harmless.
+        // SAFETY: plain fcntl on a descriptor we own.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        Ok(Pipe { r, w })
+    }
+
+    /// Give back a pipe that holds no data.
+    pub fn give(p: Pipe) {
+        PIPES.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < POOL_MAX {
+                pool.push(p);
+            }
+        });
+    }
+
+    /// One non-blocking splice(2); `Ok(0)` is EOF when reading a socket.
+    pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+        // SAFETY: null offsets (sockets and pipes have none); descriptors are valid
+        // for the duration of the call.
+        let n = unsafe {
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
 }
 
 fn take_buf() -> Box<[u8]> {
@@ -93,6 +175,18 @@ struct Half {
     buf: Option<Box<[u8]>>,
     start: usize,
     end: usize,
+    /// The pipe while bytes are in it (or a splice round is under way).
+    #[cfg(target_os = "linux")]
+    pipe: Option<pipe::Pipe>,
+    /// Bytes in `pipe` not yet spliced out.
+    #[cfg(target_os = "linux")]
+    in_pipe: usize,
+    /// This direction copies through a buffer right now. It starts so (small
+    /// interactive reads are cheapest as read/write) and switches to splice
+    /// when a read fills the whole buffer, back when splices turn small.
+    buffered: bool,
+    /// Never splice (forced, refused by the kernel, or not Linux).
+    no_splice: bool,
     read_eof: bool,
     write_shut: bool,
     total: u64,
@@ -107,6 +201,25 @@ impl Half {
         if self.start == self.end {
             if let Some(b) = self.buf.take() {
                 give_buf(b);
+            }
+        }
+        #[cfg(target_os = "linux")]
+        if self.in_pipe == 0 {
+            if let Some(p) = self.pipe.take() {
+                pipe::give(p);
+            }
+        }
+    }
+
+    fn release_all(&mut self) {
+        if let Some(b) = self.buf.take() {
+            give_buf(b);
+        }
+        // A pipe with bytes still in it is closed, not pooled.
+        #[cfg(target_os = "linux")]
+        if let Some(p) = self.pipe.take() {
+            if self.in_pipe == 0 {
+                pipe::give(p);
             }
         }
     }
@@ -140,7 +253,7 @@ impl<'a> Forward<'a> {
         idle: Option<Duration>,
         sink: &'a (dyn ByteSink + Sync),
     ) -> Self {
-        let mut c2t = Half::default();
+        let mut c2t = Half { buffered: true, ..Half::default() };
         if !early.is_empty() {
             let mut buf = take_buf();
             // Early bytes are bounded by the header read buffer, far below BUF_SIZE.
@@ -153,7 +266,16 @@ impl<'a> Forward<'a> {
             let now = Instant::now();
             (d, Box::pin(tokio::time::sleep_until(now + d)), now)
         });
-        Forward { client, target, c2t, t2c: Half::default(), first_fin: None, idle, sink }
+        let t2c = Half { buffered: true, ..Half::default() };
+        Forward { client, target, c2t, t2c, first_fin: None, idle, sink }
+    }
+
+    /// Copy through user-space buffers only (no splice): the portable path,
+    /// forced (for tests and comparison).
+    pub fn buffered(mut self) -> Self {
+        self.c2t.no_splice = true;
+        self.t2c.no_splice = true;
+        self
     }
 
     /// (to_target, to_client) so far.
@@ -238,6 +360,23 @@ fn poll_half(
             }
             continue;
         }
+        #[cfg(target_os = "linux")]
+        if !half.buffered || half.in_pipe > 0 {
+            match splice_step(cx, src, dst, half, count) {
+                Step::Progress => {
+                    progress = true;
+                    continue;
+                }
+                Step::Retry => continue,
+                Step::Blocked => return Ok(progress),
+                Step::Fallback => {
+                    half.buffered = true;
+                    half.no_splice = true;
+                }
+                Step::Eof => {}
+                Step::Err(e) => return Err(e),
+            }
+        }
         if half.read_eof {
             if !half.write_shut {
                 half.release_if_empty();
@@ -258,7 +397,7 @@ fn poll_half(
             Poll::Ready(Ok(())) => {}
         }
         let buf = half.buf.get_or_insert_with(take_buf);
-        match src.try_read(buf) {
+        match read_clearing(src, buf) {
             Ok(0) => {
                 half.read_eof = true;
                 progress = true;
@@ -267,6 +406,10 @@ fn poll_half(
                 half.start = 0;
                 half.end = n;
                 progress = true;
+                // A full buffer: bulk data is flowing, splice the rest.
+                if n == buf.len() && !half.no_splice && cfg!(target_os = "linux") {
+                    half.buffered = false;
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(HalfErr::Read(e)),
@@ -275,6 +418,123 @@ fn poll_half(
     // Still work to do: yield to other sessions, then come back.
     cx.waker().wake_by_ref();
     Ok(progress)
+}
+
+/// Read into `buf`. A short read means the socket had no more data, so the
+/// readiness is cleared at once (as tokio's own `poll_read` does): the next
+/// round waits for the next event instead of paying a read that fails with
+/// `EAGAIN`.
+fn read_clearing(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut short = None;
+    let fd = src.as_raw_fd();
+    let r = src.try_io(tokio::io::Interest::READABLE, || {
+        // SAFETY: buf is valid for buf.len() bytes; fd is open while src lives.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        if n > 0 && n < buf.len() {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match short {
+        Some(n) => Ok(n),
+        None => r,
+    }
+}
+
+#[cfg(target_os = "linux")]
+enum Step {
+    /// Bytes moved; go round again.
+    Progress,
+    /// Readiness was stale (cleared); go round again to re-register.
+    Retry,
+    /// Waiting for readiness (a waker is registered).
+    Blocked,
+    /// The source reached EOF and the pipe is empty.
+    Eof,
+    /// splice is refused for these sockets: use the buffer path.
+    Fallback,
+    Err(HalfErr),
+}
+
+/// One splice round of a direction: drain the pipe into `dst`, or fill it
+/// from `src`. Buffered early bytes are written first by the caller.
+#[cfg(target_os = "linux")]
+fn splice_step(
+    cx: &mut Context<'_>,
+    src: &TcpStream,
+    dst: &TcpStream,
+    half: &mut Half,
+    count: &dyn Fn(u64),
+) -> Step {
+    use std::os::fd::AsRawFd;
+    use tokio::io::Interest;
+
+    let refused = |e: &io::Error| matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS));
+    if half.in_pipe > 0 {
+        match dst.poll_write_ready(cx) {
+            Poll::Pending => return Step::Blocked,
+            Poll::Ready(Err(e)) => return Step::Err(HalfErr::Write(e)),
+            Poll::Ready(Ok(())) => {}
+        }
+        let Some(p) = half.pipe.as_ref() else { return Step::Blocked };
+        let (from, len) = (p.r.as_raw_fd(), half.in_pipe);
+        return match dst.try_io(Interest::WRITABLE, || pipe::splice(from, dst.as_raw_fd(), len)) {
+            Ok(n) => {
+                half.in_pipe -= n;
+                half.total += n as u64;
+                count(n as u64);
+                Step::Progress
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Retry,
+            Err(e) => Step::Err(HalfErr::Write(e)),
+        };
+    }
+    if half.read_eof {
+        return Step::Eof;
+    }
+    match src.poll_read_ready(cx) {
+        Poll::Pending => {
+            half.release_if_empty();
+            return Step::Blocked;
+        }
+        Poll::Ready(Err(e)) => return Step::Err(HalfErr::Read(e)),
+        Poll::Ready(Ok(())) => {}
+    }
+    if half.pipe.is_none() {
+        match pipe::take() {
+            Ok(p) => half.pipe = Some(p),
+            // Out of descriptors for a pipe: copy through a buffer instead.
+            Err(_) => return Step::Fallback,
+        }
+    }
+    let to = half.pipe.as_ref().map(|p| p.w.as_raw_fd()).unwrap_or(-1);
+    match src.try_io(Interest::READABLE, || pipe::splice(src.as_raw_fd(), to, pipe::CHUNK)) {
+        Ok(0) => {
+            half.read_eof = true;
+            half.release_if_empty();
+            Step::Eof
+        }
+        Ok(n) => {
+            half.in_pipe = n;
+            // Small pieces again (interactive traffic): read/write is cheaper.
+            if n < SPLICE_MIN {
+                half.buffered = true;
+            }
+            Step::Progress
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Retry,
+        Err(e) if refused(&e) => {
+            half.release_if_empty();
+            Step::Fallback
+        }
+        Err(e) => Step::Err(HalfErr::Read(e)),
+    }
 }
 
 impl Future for Forward<'_> {
@@ -329,10 +589,173 @@ impl Future for Forward<'_> {
 
 impl Drop for Forward<'_> {
     fn drop(&mut self) {
-        for h in [&mut self.c2t, &mut self.t2c] {
-            if let Some(b) = h.buf.take() {
-                give_buf(b);
-            }
+        self.c2t.release_all();
+        self.t2c.release_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Counts(AtomicU64, AtomicU64);
+
+    impl ByteSink for Counts {
+        fn to_target(&self, n: u64) {
+            self.0.fetch_add(n, Ordering::Relaxed);
         }
+        fn to_client(&self, n: u64) {
+            self.1.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// (outside end, proxy end) of one loopback connection.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    fn pattern(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    }
+
+    /// Client sends `up` bytes and half-closes; the target reads them all,
+    /// answers `down` bytes and closes. Checks bytes, order and counts.
+    async fn half_close_transfer(buffered: bool, early: Vec<u8>, up: usize, down: usize) {
+        let (mut user, client) = pair().await;
+        let (target, mut backend) = pair().await;
+        let counts: &'static Counts = Box::leak(Box::default());
+        let up_data = pattern(up, 1);
+        let down_data = pattern(down, 7);
+        let early_len = early.len();
+        let fwd = tokio::spawn(async move {
+            let mut f = Forward::new(&client, &target, early, None, counts);
+            if buffered {
+                f = f.buffered();
+            }
+            f.await
+        });
+        let sent = up_data.clone();
+        let writer = tokio::spawn(async move {
+            user.write_all(&sent).await.unwrap();
+            user.shutdown().await.unwrap(); // half-close
+            let mut got = Vec::new();
+            user.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut got_up = Vec::new();
+        backend.read_to_end(&mut got_up).await.unwrap(); // EOF arrives as EOF
+        assert_eq!(got_up.len(), early_len + up);
+        assert_eq!(&got_up[early_len..], &up_data[..], "client-to-target bytes differ");
+        // The half-closed client still receives.
+        backend.write_all(&down_data).await.unwrap();
+        drop(backend);
+        let got_down = writer.await.unwrap();
+        assert_eq!(got_down, down_data, "target-to-client bytes differ");
+        let out = fwd.await.unwrap();
+        assert!(matches!(out.end, End::Closed { first: Side::Client }), "{:?}", out.end);
+        assert_eq!(out.bytes_to_target, (early_len + up) as u64);
+        assert_eq!(out.bytes_to_client, down as u64);
+        assert_eq!(counts.0.load(Ordering::Relaxed), (early_len + up) as u64);
+        assert_eq!(counts.1.load(Ordering::Relaxed), down as u64);
+    }
+
+    #[tokio::test]
+    async fn splice_passes_half_close_and_counts_bytes() {
+        half_close_transfer(false, Vec::new(), 8 << 20, 3 << 20).await;
+    }
+
+    #[tokio::test]
+    async fn splice_sends_early_bytes_first() {
+        half_close_transfer(false, b"early bytes after a PROXY header".to_vec(), 1 << 20, 17).await;
+    }
+
+    #[tokio::test]
+    async fn buffer_copy_passes_half_close_and_counts_bytes() {
+        half_close_transfer(true, b"early".to_vec(), 8 << 20, 3 << 20).await;
+    }
+
+    #[tokio::test]
+    async fn small_messages_round_trip() {
+        for buffered in [false, true] {
+            let (mut user, client) = pair().await;
+            let (target, mut backend) = pair().await;
+            let counts: &'static Counts = Box::leak(Box::default());
+            let fwd = tokio::spawn(async move {
+                let f = Forward::new(&client, &target, Vec::new(), None, counts);
+                if buffered {
+                    f.buffered().await
+                } else {
+                    f.await
+                }
+            });
+            for i in 0..200u32 {
+                let msg = [i as u8; 64];
+                user.write_all(&msg).await.unwrap();
+                let mut b = [0u8; 64];
+                backend.read_exact(&mut b).await.unwrap();
+                backend.write_all(&b).await.unwrap();
+                user.read_exact(&mut b).await.unwrap();
+                assert_eq!(b, msg);
+            }
+            drop(user);
+            drop(backend);
+            let out = fwd.await.unwrap();
+            assert_eq!((out.bytes_to_target, out.bytes_to_client), (200 * 64, 200 * 64));
+        }
+    }
+
+    #[tokio::test]
+    async fn reset_is_passed_on_as_reset() {
+        for buffered in [false, true] {
+            let (mut user, client) = pair().await;
+            let (target, backend) = pair().await;
+            let counts: &'static Counts = Box::leak(Box::default());
+            let fwd = tokio::spawn(async move {
+                let f = Forward::new(&client, &target, Vec::new(), None, counts);
+                let out = if buffered { f.buffered().await } else { f.await };
+                drop((client, target));
+                out
+            });
+            user.write_all(b"hello").await.unwrap();
+            // The target resets.
+            crate::sockopt::set_reset_on_close(&backend);
+            drop(backend);
+            let out = fwd.await.unwrap();
+            assert!(matches!(out.end, End::Reset { side: Side::Target }), "{:?}", out.end);
+            let mut b = [0u8; 16];
+            let r = user.read(&mut b).await;
+            let e = r.expect_err("the client must see a reset, not EOF");
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_session_holds_no_pipe_or_buffer() {
+        let (mut user, client) = pair().await;
+        let (target, mut backend) = pair().await;
+        let counts: &'static Counts = Box::leak(Box::default());
+        let mut f = Box::pin(Forward::new(&client, &target, Vec::new(), None, counts));
+        user.write_all(&pattern(300_000, 3)).await.unwrap();
+        let mut got = vec![0u8; 300_000];
+        let read = backend.read_exact(&mut got);
+        tokio::select! {
+            _ = &mut f => panic!("forwarding ended"),
+            r = read => { r.unwrap(); }
+        }
+        // Let the forwarder see the source drained.
+        let _ = tokio::time::timeout(Duration::from_millis(50), &mut f).await;
+        assert!(f.c2t.buf.is_none() && f.t2c.buf.is_none());
+        #[cfg(target_os = "linux")]
+        assert!(f.c2t.pipe.is_none() && f.t2c.pipe.is_none());
+        assert_eq!(f.bytes(), (300_000, 0));
     }
 }

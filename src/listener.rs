@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Keepalive;
 use crate::server::Shared;
 use crate::session;
 use crate::sockopt;
@@ -58,6 +59,8 @@ impl BindError {
 }
 
 struct Running {
+    /// Kept to re-apply socket options when `[keepalive]` changes.
+    listener: Arc<TcpListener>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -69,29 +72,44 @@ pub struct Bound(Vec<(u16, TcpListener)>);
 #[derive(Default)]
 pub struct ListenerSet {
     running: BTreeMap<u16, Running>,
+    /// The keepalive options the running listeners carry (accepted sockets
+    /// inherit them).
+    keepalive: Option<Keepalive>,
 }
 
 impl ListenerSet {
     /// Bind every port of `ports` that is not listening yet. On any failure
     /// the ports bound so far are closed again and nothing changes.
-    pub fn bind_new(&self, addr: IpAddr, ports: &[u16]) -> Result<Bound, BindError> {
+    pub fn bind_new(&self, addr: IpAddr, ports: &[u16], ka: &Keepalive) -> Result<Bound, BindError> {
         let mut bound = Vec::new();
         for &port in ports {
             if self.running.contains_key(&port) {
                 continue;
             }
-            let l = sockopt::bind_listener(addr, port).map_err(|e| BindError::new(addr, port, e))?;
+            let l = sockopt::bind_listener_with(addr, port, Some(ka))
+                .map_err(|e| BindError::new(addr, port, e))?;
             bound.push((port, l));
         }
         Ok(Bound(bound))
     }
 
     /// Start accepting on `bound`, and close every running port not in `ports`.
+    /// If the published config changed `[keepalive]`, the kept listeners get
+    /// the new options (sockets accepted from then on inherit them).
     pub fn commit(&mut self, bound: Bound, ports: &[u16], shared: &Arc<Shared>) {
+        let ka = shared.snapshot.load().config.keepalive.clone();
+        if self.keepalive.as_ref().is_some_and(|old| *old != ka) {
+            for r in self.running.values() {
+                sockopt::apply_listener_opts(&r.listener, &ka);
+            }
+        }
+        self.keepalive = Some(ka);
         for (port, listener) in bound.0 {
             let cancel = CancellationToken::new();
-            let task = tokio::spawn(accept_loop(listener, port, Arc::clone(shared), cancel.clone()));
-            self.running.insert(port, Running { cancel, task });
+            let listener = Arc::new(listener);
+            let task =
+                tokio::spawn(accept_loop(Arc::clone(&listener), port, Arc::clone(shared), cancel.clone()));
+            self.running.insert(port, Running { listener, cancel, task });
         }
         let keep: std::collections::HashSet<u16> = ports.iter().copied().collect();
         let gone: Vec<u16> = self.running.keys().copied().filter(|p| !keep.contains(p)).collect();
@@ -172,7 +190,7 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
-async fn accept_loop(listener: TcpListener, port: u16, shared: Arc<Shared>, cancel: CancellationToken) {
+async fn accept_loop(listener: Arc<TcpListener>, port: u16, shared: Arc<Shared>, cancel: CancellationToken) {
     let mut backoff: Option<Duration> = None;
     loop {
         let res = tokio::select! {

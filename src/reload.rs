@@ -90,7 +90,7 @@ pub fn apply(server: &mut Server, new: Config) -> Result<(), ApplyError> {
         return Err(ApplyError::AddressChanged { old: old.config.listen.address, new: new.listen.address });
     }
     let ports = new.listen_ports();
-    let bound = server.listeners.bind_new(new.listen.address, &ports)?;
+    let bound = server.listeners.bind_new(new.listen.address, &ports, &new.keepalive)?;
     let new_admin = if new.admin.listen != old.config.admin.listen {
         match new.admin.listen {
             Some(a) => Some(Some(

@@ -196,10 +196,11 @@ impl Server {
         let addr = config.listen.address;
         let ports = config.listen_ports();
         let admin_addr = config.admin.listen;
+        let keepalive = config.keepalive.clone();
         let shared = Shared::new(config, metrics);
 
         let mut listeners = ListenerSet::default();
-        let bound = listeners.bind_new(addr, &ports)?;
+        let bound = listeners.bind_new(addr, &ports, &keepalive)?;
         let admin = match admin_addr {
             Some(a) => Some(
                 AdminServer::bind(a, Arc::clone(&shared))

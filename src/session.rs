@@ -160,7 +160,10 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, port: u16, shared: Arc<Sha
         }
     };
     state.metrics.connect_duration.record(started.elapsed().as_secs_f64());
-    sockopt::apply_session_opts(&stream, &snap.config.keepalive, "client");
+    // The client socket inherited keepalive and nodelay from its listener.
+    if !sockopt::ACCEPTED_INHERIT_OPTS {
+        sockopt::apply_session_opts(&stream, &snap.config.keepalive, "client");
+    }
     sockopt::apply_session_opts(&target, &snap.config.keepalive, "target");
 
     // 4. Forward until both sides close, or revocation / shutdown.
@@ -230,12 +233,14 @@ async fn forward_watching(
     route: &Route,
     info: &ConnInfo,
 ) -> (CloseReason, Option<io::Error>) {
-    let mut revoke_at: Option<Instant> = None;
+    // The revocation timer exists only once a reload revokes the session, so
+    // an idle session's future does not carry a timer.
+    let mut revoke: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let mut updates_open = true;
     loop {
         let revoke_sleep = async {
-            match revoke_at {
-                Some(at) => tokio::time::sleep_until(at).await,
+            match revoke.as_mut() {
+                Some(s) => s.as_mut().await,
                 None => std::future::pending().await,
             }
         };
@@ -264,9 +269,9 @@ async fn forward_watching(
                 }
                 let snap = updates.borrow_and_update().clone();
                 if still_admitted(&snap, route, info.client.0.ip(), info.endpoint.as_deref()) {
-                    revoke_at = None;
-                } else if revoke_at.is_none() {
-                    revoke_at = Some(Instant::now() + snap.config.timeouts.revoke_grace);
+                    revoke = None;
+                } else if revoke.is_none() {
+                    revoke = Some(Box::pin(tokio::time::sleep(snap.config.timeouts.revoke_grace)));
                 }
             }
             _ = revoke_sleep => {
@@ -463,5 +468,28 @@ fn classify(e: &DialError) -> ConnectErrorKind {
                 _ => ConnectErrorKind::Other,
             },
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+
+    #[tokio::test]
+    async fn session_future_stays_small() {
+        let cfg = Config::with_defaults("x.toml".into());
+        let shared = Shared::new(cfg, Arc::new(Metrics::new()));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        let _c = TcpStream::connect(a).await.unwrap();
+        let (s, peer) = l.accept().await.unwrap();
+        let fut = run(s, peer, a.port(), shared);
+        // Every idle session holds one of these (plus the task header and two
+        // I/O registrations); keep an eye on growth.
+        let size = std::mem::size_of_val(&fut);
+        eprintln!("session future: {size} bytes");
+        assert!(size <= 1536, "the session future grew to {size} bytes");
     }
 }

@@ -21,7 +21,20 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 /// Set TCP keepalive, TCP_USER_TIMEOUT and TCP_NODELAY on a session socket. `side` names it in
 /// the warning ("client" or "target").
 pub fn apply_session_opts(stream: &TcpStream, ka: &Keepalive, side: &'static str) {
-    let sock = SockRef::from(stream);
+    apply_opts(SockRef::from(stream), ka, side);
+}
+
+/// Set the session options on a listening socket: on Linux the sockets it
+/// accepts inherit keepalive and TCP_NODELAY, which spares five `setsockopt`
+/// calls per connection.
+pub fn apply_listener_opts(listener: &TcpListener, ka: &Keepalive) {
+    apply_opts(SockRef::from(listener), ka, "listener");
+}
+
+/// Whether accepted sockets inherit the listener's keepalive and nodelay.
+pub const ACCEPTED_INHERIT_OPTS: bool = cfg!(target_os = "linux");
+
+fn apply_opts(sock: SockRef<'_>, ka: &Keepalive, side: &'static str) {
     let params = TcpKeepalive::new().with_time(ka.time).with_interval(ka.interval).with_retries(ka.retries);
     if let Err(e) = sock.set_tcp_keepalive(&params) {
         tracing::warn!(side, error = %e, "could not set TCP keepalive; idle sessions may be cut by the NLB");
@@ -41,6 +54,12 @@ pub fn apply_session_opts(stream: &TcpStream, ka: &Keepalive, side: &'static str
 /// Bind a listening socket on `addr:port` with SO_REUSEADDR (restart while old
 /// connections sit in TIME_WAIT) and, for `::`, dual stack.
 pub fn bind_listener(addr: IpAddr, port: u16) -> io::Result<TcpListener> {
+    bind_listener_with(addr, port, None)
+}
+
+/// [`bind_listener`], with the session options set before `listen`, so even
+/// the first connection accepted inherits them.
+pub fn bind_listener_with(addr: IpAddr, port: u16, ka: Option<&Keepalive>) -> io::Result<TcpListener> {
     let sa = SocketAddr::new(addr, port);
     let socket = Socket::new(Domain::for_address(sa), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -49,6 +68,9 @@ pub fn bind_listener(addr: IpAddr, port: u16) -> io::Result<TcpListener> {
     }
     socket.set_nonblocking(true)?;
     socket.bind(&sa.into())?;
+    if let Some(ka) = ka {
+        apply_opts(SockRef::from(&socket), ka, "listener");
+    }
     socket.listen(LISTEN_BACKLOG)?;
     TcpListener::from_std(socket.into())
 }
@@ -108,6 +130,31 @@ mod tests {
             assert!(r.nodelay().unwrap());
             assert_eq!(r.tcp_user_timeout().unwrap(), Some(Duration::from_secs(37 + 11 * 5)));
         }
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listener_options() {
+        if !ACCEPTED_INHERIT_OPTS {
+            return;
+        }
+        let ka = Keepalive {
+            time: Duration::from_secs(41),
+            interval: Duration::from_secs(13),
+            retries: 6,
+            idle_timeout_limit: Duration::from_secs(350),
+        };
+        let listener = bind_listener_with("127.0.0.1".parse().unwrap(), 0, Some(&ka)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dial = tokio::spawn(async move { connect(addr, Duration::from_secs(1)).await });
+        let (server, _) = listener.accept().await.unwrap();
+        dial.await.unwrap().unwrap();
+        let r = SockRef::from(&server);
+        assert!(r.keepalive().unwrap());
+        assert_eq!(r.keepalive_time().unwrap(), Duration::from_secs(41));
+        assert_eq!(r.keepalive_interval().unwrap(), Duration::from_secs(13));
+        assert_eq!(r.keepalive_retries().unwrap(), 6);
+        assert_eq!(r.tcp_user_timeout().unwrap(), Some(Duration::from_secs(41 + 13 * 6)));
+        assert!(r.nodelay().unwrap());
     }
 
     #[tokio::test]

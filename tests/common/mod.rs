@@ -46,7 +46,7 @@ pub fn free_ports(n: u16) -> u16 {
                 .write(true)
                 .open(dir.join(p.to_string()))
                 .expect("open a port claim file");
-            if file.try_lock().is_err() || TcpListener::bind(("127.0.0.1", p)).is_err() {
+            if !try_lock(&file) || TcpListener::bind(("127.0.0.1", p)).is_err() {
                 continue 'search;
             }
             claims.push(file);
@@ -55,6 +55,13 @@ pub fn free_ports(n: u16) -> u16 {
         return base;
     }
     panic!("no block of {n} free ports");
+}
+
+/// Non-blocking exclusive flock(2); released when the process exits.
+fn try_lock(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this function borrows.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 pub fn free_port() -> u16 {
