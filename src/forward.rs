@@ -46,7 +46,7 @@ const ROUNDS_PER_POLL: usize = 32;
 const SPLICE_MIN: usize = 16 * 1024;
 
 thread_local! {
-    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    static POOL: RefCell<Vec<Buf>> = const { RefCell::new(Vec::new()) };
 }
 
 #[cfg(target_os = "linux")]
@@ -122,11 +122,20 @@ mod pipe {
     }
 }
 
-fn take_buf() -> Box<[u8]> {
-    POOL.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())
+/// One forwarding buffer; a thin pointer (the length is in the type).
+type Buf = Box<[u8; BUF_SIZE]>;
+
+fn take_buf() -> Buf {
+    POOL.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| {
+        // Allocated zeroed on the heap (no 64 KiB array on the stack).
+        match vec![0u8; BUF_SIZE].into_boxed_slice().try_into() {
+            Ok(buf) => buf,
+            Err(_) => unreachable!("a vec of BUF_SIZE bytes converts to [u8; BUF_SIZE]"),
+        }
+    })
 }
 
-fn give_buf(buf: Box<[u8]>) {
+fn give_buf(buf: Buf) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         if p.len() < POOL_MAX {
@@ -172,15 +181,16 @@ pub struct Outcome {
 
 #[derive(Default)]
 struct Half {
-    buf: Option<Box<[u8]>>,
-    start: usize,
-    end: usize,
+    buf: Option<Buf>,
+    /// Unsent bytes are `buf[start..end]` (u32: a buffer is 64 KiB).
+    start: u32,
+    end: u32,
     /// The pipe while bytes are in it (or a splice round is under way).
     #[cfg(target_os = "linux")]
     pipe: Option<pipe::Pipe>,
     /// Bytes in `pipe` not yet spliced out.
     #[cfg(target_os = "linux")]
-    in_pipe: usize,
+    in_pipe: u32,
     /// This direction copies through a buffer right now. It starts so (small
     /// interactive reads are cheapest as read/write) and switches to splice
     /// when a read fills the whole buffer, back when splices turn small.
@@ -225,6 +235,17 @@ impl Half {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// `timeouts.idle`: fires once no byte moved either way for `limit`.
+    struct IdleTimer {
+        limit: Duration,
+        // When a byte last moved.
+        last: Instant,
+        #[pin]
+        sleep: Sleep,
+    }
+}
+
 enum HalfErr {
     Read(io::Error),
     Write(io::Error),
@@ -233,25 +254,26 @@ enum HalfErr {
 /// Forwarding state for one session. Poll it (it is a `Future`); after it is
 /// dropped early (revocation, shutdown), [`Forward::bytes`] still tells what
 /// moved.
-pub struct Forward<'a> {
-    client: &'a TcpStream,
-    target: &'a TcpStream,
+pub struct Forward<'a, S: ByteSink> {
+    client: TcpStream,
+    target: TcpStream,
     c2t: Half,
     t2c: Half,
     first_fin: Option<Side>,
-    idle: Option<(Duration, Pin<Box<Sleep>>, Instant)>,
-    sink: &'a (dyn ByteSink + Sync),
+    /// Boxed: only sessions with `timeouts.idle` pay for the timer.
+    idle: Option<Pin<Box<IdleTimer>>>,
+    sink: &'a S,
 }
 
-impl<'a> Forward<'a> {
+impl<'a, S: ByteSink> Forward<'a, S> {
     /// `early` holds client bytes read before the target was dialed (bytes
     /// after a PROXY header); they are sent first.
     pub fn new(
-        client: &'a TcpStream,
-        target: &'a TcpStream,
+        client: TcpStream,
+        target: TcpStream,
         early: Vec<u8>,
         idle: Option<Duration>,
-        sink: &'a (dyn ByteSink + Sync),
+        sink: &'a S,
     ) -> Self {
         let mut c2t = Half { buffered: true, ..Half::default() };
         if !early.is_empty() {
@@ -260,11 +282,11 @@ impl<'a> Forward<'a> {
             let n = early.len().min(buf.len());
             buf[..n].copy_from_slice(&early[..n]);
             c2t.buf = Some(buf);
-            c2t.end = n;
+            c2t.end = n as u32;
         }
-        let idle = idle.map(|d| {
-            let now = Instant::now();
-            (d, Box::pin(tokio::time::sleep_until(now + d)), now)
+        let idle = idle.map(|limit| {
+            let last = Instant::now();
+            Box::pin(IdleTimer { limit, last, sleep: tokio::time::sleep_until(last + limit) })
         });
         let t2c = Half { buffered: true, ..Half::default() };
         Forward { client, target, c2t, t2c, first_fin: None, idle, sink }
@@ -285,8 +307,8 @@ impl<'a> Forward<'a> {
 
     /// Close both sides with FIN (revocation, shutdown, idle timeout).
     pub fn close_both(&self) {
-        let _ = SockRef::from(self.client).shutdown(Shutdown::Write);
-        let _ = SockRef::from(self.target).shutdown(Shutdown::Write);
+        let _ = SockRef::from(&self.client).shutdown(Shutdown::Write);
+        let _ = SockRef::from(&self.target).shutdown(Shutdown::Write);
     }
 
     fn outcome(&self, end: End) -> Outcome {
@@ -302,12 +324,12 @@ impl<'a> Forward<'a> {
         };
         // Pass the failure on as a reset to the side that did not fail.
         match other(side) {
-            Side::Client => set_reset_on_close(self.client),
-            Side::Target => set_reset_on_close(self.target),
+            Side::Client => set_reset_on_close(&self.client),
+            Side::Target => set_reset_on_close(&self.target),
         }
         set_reset_on_close(match side {
-            Side::Client => self.client,
-            Side::Target => self.target,
+            Side::Client => &self.client,
+            Side::Target => &self.target,
         });
         let end = match e.kind() {
             io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted => {
@@ -344,9 +366,9 @@ fn poll_half(
                 Poll::Ready(Ok(())) => {}
             }
             let Some(buf) = half.buf.as_ref() else { return Ok(progress) };
-            match dst.try_write(&buf[half.start..half.end]) {
+            match dst.try_write(&buf[half.start as usize..half.end as usize]) {
                 Ok(n) => {
-                    half.start += n;
+                    half.start += n as u32;
                     half.total += n as u64;
                     count(n as u64);
                     progress = true;
@@ -397,14 +419,14 @@ fn poll_half(
             Poll::Ready(Ok(())) => {}
         }
         let buf = half.buf.get_or_insert_with(take_buf);
-        match read_clearing(src, buf) {
+        match read_clearing(src, &mut buf[..]) {
             Ok(0) => {
                 half.read_eof = true;
                 progress = true;
             }
             Ok(n) => {
                 half.start = 0;
-                half.end = n;
+                half.end = n as u32;
                 progress = true;
                 // A full buffer: bulk data is flowing, splice the rest.
                 if n == buf.len() && !half.no_splice && cfg!(target_os = "linux") {
@@ -483,10 +505,10 @@ fn splice_step(
             Poll::Ready(Ok(())) => {}
         }
         let Some(p) = half.pipe.as_ref() else { return Step::Blocked };
-        let (from, len) = (p.r.as_raw_fd(), half.in_pipe);
+        let (from, len) = (p.r.as_raw_fd(), half.in_pipe as usize);
         return match dst.try_io(Interest::WRITABLE, || pipe::splice(from, dst.as_raw_fd(), len)) {
             Ok(n) => {
-                half.in_pipe -= n;
+                half.in_pipe -= n as u32;
                 half.total += n as u64;
                 count(n as u64);
                 Step::Progress
@@ -521,7 +543,7 @@ fn splice_step(
             Step::Eof
         }
         Ok(n) => {
-            half.in_pipe = n;
+            half.in_pipe = n as u32;
             // Small pieces again (interactive traffic): read/write is cheaper.
             if n < SPLICE_MIN {
                 half.buffered = true;
@@ -537,17 +559,17 @@ fn splice_step(
     }
 }
 
-impl Future for Forward<'_> {
+impl<S: ByteSink> Future for Forward<'_, S> {
     type Output = Outcome;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
         let this = self.get_mut();
-        let sink: &(dyn ByteSink + Sync) = this.sink;
+        let sink = this.sink;
         let mut progress = false;
 
         if !this.c2t.done() {
             let was_eof = this.c2t.read_eof;
-            match poll_half(cx, this.client, this.target, &mut this.c2t, &|n| sink.to_target(n)) {
+            match poll_half(cx, &this.client, &this.target, &mut this.c2t, &|n| sink.to_target(n)) {
                 Ok(p) => progress |= p,
                 Err(e) => return Poll::Ready(this.fail((Side::Client, e))),
             }
@@ -557,7 +579,7 @@ impl Future for Forward<'_> {
         }
         if !this.t2c.done() {
             let was_eof = this.t2c.read_eof;
-            match poll_half(cx, this.target, this.client, &mut this.t2c, &|n| sink.to_client(n)) {
+            match poll_half(cx, &this.target, &this.client, &mut this.t2c, &|n| sink.to_client(n)) {
                 Ok(p) => progress |= p,
                 Err(e) => return Poll::Ready(this.fail((Side::Target, e))),
             }
@@ -570,13 +592,15 @@ impl Future for Forward<'_> {
             return Poll::Ready(this.outcome(End::Closed { first }));
         }
 
-        if let Some((limit, sleep, last)) = &mut this.idle {
+        if let Some(idle) = &mut this.idle {
+            let t = idle.as_mut().project();
             if progress {
-                *last = Instant::now();
+                *t.last = Instant::now();
             }
             // The timer is only re-armed when it fires, not on every read.
+            let mut sleep = t.sleep;
             while sleep.as_mut().poll(cx).is_ready() {
-                let deadline = *last + *limit;
+                let deadline = *t.last + *t.limit;
                 if Instant::now() >= deadline {
                     return Poll::Ready(this.outcome(End::Idle));
                 }
@@ -587,7 +611,7 @@ impl Future for Forward<'_> {
     }
 }
 
-impl Drop for Forward<'_> {
+impl<S: ByteSink> Drop for Forward<'_, S> {
     fn drop(&mut self) {
         self.c2t.release_all();
         self.t2c.release_all();
@@ -637,7 +661,7 @@ mod tests {
         let down_data = pattern(down, 7);
         let early_len = early.len();
         let fwd = tokio::spawn(async move {
-            let mut f = Forward::new(&client, &target, early, None, counts);
+            let mut f = Forward::new(client, target, early, None, counts);
             if buffered {
                 f = f.buffered();
             }
@@ -690,7 +714,7 @@ mod tests {
             let (target, mut backend) = pair().await;
             let counts: &'static Counts = Box::leak(Box::default());
             let fwd = tokio::spawn(async move {
-                let f = Forward::new(&client, &target, Vec::new(), None, counts);
+                let f = Forward::new(client, target, Vec::new(), None, counts);
                 if buffered {
                     f.buffered().await
                 } else {
@@ -720,9 +744,8 @@ mod tests {
             let (target, backend) = pair().await;
             let counts: &'static Counts = Box::leak(Box::default());
             let fwd = tokio::spawn(async move {
-                let f = Forward::new(&client, &target, Vec::new(), None, counts);
+                let f = Forward::new(client, target, Vec::new(), None, counts);
                 let out = if buffered { f.buffered().await } else { f.await };
-                drop((client, target));
                 out
             });
             user.write_all(b"hello").await.unwrap();
@@ -743,7 +766,7 @@ mod tests {
         let (mut user, client) = pair().await;
         let (target, mut backend) = pair().await;
         let counts: &'static Counts = Box::leak(Box::default());
-        let mut f = Box::pin(Forward::new(&client, &target, Vec::new(), None, counts));
+        let mut f = Box::pin(Forward::new(client, target, Vec::new(), None, counts));
         user.write_all(&pattern(300_000, 3)).await.unwrap();
         let mut got = vec![0u8; 300_000];
         let read = backend.read_exact(&mut got);

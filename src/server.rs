@@ -9,11 +9,11 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -53,22 +53,25 @@ impl Snapshot {
 pub struct Shared {
     /// The current config and routes; loaded once per connection, lock-free.
     pub snapshot: ArcSwap<Snapshot>,
-    /// Every new snapshot is also sent here, so running sessions can re-check
-    /// their admission.
-    pub updates: watch::Sender<Arc<Snapshot>>,
+    /// Bumped by every published snapshot (after it is stored), so a running
+    /// session can tell that it must re-check its admission.
+    generation: AtomicU64,
+    /// Wakes every running session after a publish or [`Shared::close_sessions`].
+    pub changed: Notify,
     pub metrics: Arc<Metrics>,
     pub states: RouteStates,
     /// Every session task; shutdown waits on it.
     pub sessions: TaskTracker,
-    /// Cancelled at the end of the drain: remaining sessions close.
-    pub force_close: CancellationToken,
+    /// Set at the end of the drain: remaining sessions close. Sessions learn
+    /// of it through `changed`, so an idle session waits on one thing only.
+    closing: AtomicBool,
     /// Admitted sessions right now.
     active: AtomicUsize,
     /// `/readyz`: every listener bound and not shutting down.
     pub ready: AtomicBool,
     /// Accept starvation (descriptors or memory), logged once per episode.
     pub starvation: Starvation,
-    pub per_source: SourceLimiter,
+    per_source: SourceLimiter,
 }
 
 impl Shared {
@@ -77,14 +80,14 @@ impl Shared {
         let snap = Arc::new(Snapshot::new(config, &states));
         metrics.routes.set(snap.table.len() as f64);
         metrics.set_config_hash(&snap.hash);
-        let (updates, _) = watch::channel(Arc::clone(&snap));
         Arc::new(Shared {
             snapshot: ArcSwap::new(snap),
-            updates,
+            generation: AtomicU64::new(0),
+            changed: Notify::new(),
             metrics,
             states,
             sessions: TaskTracker::new(),
-            force_close: CancellationToken::new(),
+            closing: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             ready: AtomicBool::new(false),
             starvation: Starvation::default(),
@@ -93,9 +96,16 @@ impl Shared {
     }
 
     /// Count an admitted session for as long as the guard lives.
-    pub fn session_guard(&self) -> SessionGuard<'_> {
+    pub fn session_guard(self: &Arc<Self>) -> SessionGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
-        SessionGuard(self)
+        SessionGuard(Arc::clone(self))
+    }
+
+    /// Take one of `max` concurrent sessions for the client address `ip`
+    /// (`[access] max_per_source`), released when the slot drops.
+    pub fn try_acquire_source(self: &Arc<Self>, ip: IpAddr, max: u32) -> Option<SourceSlot> {
+        let ip = ip.to_canonical();
+        self.per_source.try_acquire(ip, max).then(|| SourceSlot { shared: Arc::clone(self), ip })
     }
 
     pub fn active_sessions(&self) -> usize {
@@ -107,7 +117,25 @@ impl Shared {
         self.metrics.routes.set(snap.table.len() as f64);
         self.metrics.set_config_hash(&snap.hash);
         self.snapshot.store(Arc::clone(&snap));
-        self.updates.send_replace(snap);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// End of the drain: tell every running session to close.
+    pub fn close_sessions(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// How many snapshots were published; read before the snapshot a session
+    /// is admitted under.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Whether [`Shared::close_sessions`] was called.
+    pub fn closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
     }
 
     /// The systemd `STATUS=` line.
@@ -122,9 +150,9 @@ impl Shared {
     }
 }
 
-pub struct SessionGuard<'a>(&'a Shared);
+pub struct SessionGuard(Arc<Shared>);
 
-impl Drop for SessionGuard<'_> {
+impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
@@ -138,35 +166,40 @@ pub struct SourceLimiter {
 }
 
 impl SourceLimiter {
-    pub fn try_acquire(&self, ip: IpAddr, max: u32) -> Option<SourceSlot<'_>> {
-        let ip = ip.to_canonical();
+    /// Count one more session for `ip` unless it already has `max`.
+    fn try_acquire(&self, ip: IpAddr, max: u32) -> bool {
         let mut m = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.entry(ip).or_insert(0);
         if *n >= max {
             if *n == 0 {
                 m.remove(&ip);
             }
-            return None;
+            return false;
         }
         *n += 1;
-        Some(SourceSlot { limiter: self, ip })
+        true
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut m = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
     }
 }
 
-pub struct SourceSlot<'a> {
-    limiter: &'a SourceLimiter,
+/// One session counted against its client address.
+pub struct SourceSlot {
+    shared: Arc<Shared>,
     ip: IpAddr,
 }
 
-impl Drop for SourceSlot<'_> {
+impl Drop for SourceSlot {
     fn drop(&mut self) {
-        let mut m = self.limiter.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
+        self.shared.per_source.release(self.ip);
     }
 }
 

@@ -7,9 +7,12 @@
 //! admission against the new route table; if the new config would refuse it,
 //! it is closed after `revoke_grace`.
 
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -19,8 +22,8 @@ use crate::config::{ProxyMode, Route, Target};
 use crate::forward::{ByteSink, End, Forward, Side};
 use crate::metrics::ConnectErrorKind;
 use crate::proxy_protocol::{self, Command};
-use crate::routes::{admit, Reject, RouteEntry, RouteState};
-use crate::server::{Shared, Snapshot};
+use crate::routes::{admit, Reject, RouteEntry, RouteSlot, RouteState};
+use crate::server::{SessionGuard, Shared, Snapshot, SourceSlot};
 use crate::sockopt::{self, DialError};
 
 /// The socket peer: with an NLB in front, the NLB's address.
@@ -71,79 +74,135 @@ fn canonical(sa: SocketAddr) -> SocketAddr {
 }
 
 /// Serve one accepted connection to its end.
-pub async fn run(stream: TcpStream, peer: SocketAddr, port: u16, shared: Arc<Shared>) {
+///
+/// Two phases with different lifetimes. Setup (header, admission, dial) is
+/// short and holds timers, a header buffer and dial state; it runs as its
+/// own boxed future, freed as soon as the target answers. Forwarding can
+/// last hours, mostly idle: its state is all an idle session costs, so it is
+/// kept small (two sockets, two directions, one boxed record of who and
+/// what for the log line, and the reload subscription).
+pub fn run(stream: TcpStream, peer: SocketAddr, port: u16, shared: Arc<Shared>) -> impl Future<Output = ()> {
+    // Not an `async fn`: its arguments would sit in the session's state for
+    // its whole life. The async block holds only the boxed setup and `shared`.
+    let setup = Box::pin(setup(stream, peer, port, Arc::clone(&shared)));
+    async move {
+        let Some(Admitted { client, target, early, idle, generation, meta }) = setup.await else {
+            return;
+        };
+        let sink = StateSink(meta.route_slot.state());
+        let mut fwd = Forward::new(client, target, early, idle, &sink);
+        let (close, error) = forward_watching(&shared, &mut fwd, generation, &meta).await;
+        let bytes = fwd.bytes();
+        drop(fwd);
+        let elapsed = meta.started.elapsed();
+        meta.route_slot.state().metrics.session_duration.record(elapsed.as_secs_f64());
+        let Meta { route, info, route_slot, source_slot, session, .. } = *meta;
+        drop((source_slot, route_slot, session));
+        let end = SessionEnd { route: &route, info: &info, bytes, elapsed };
+        end.log(close, error.as_ref().map(|e| e as &dyn std::fmt::Display), None);
+    }
+}
+
+/// A session past setup: what forwarding needs.
+struct Admitted {
+    client: TcpStream,
+    target: TcpStream,
+    /// Client bytes read after the PROXY header.
+    early: Vec<u8>,
+    idle: Option<Duration>,
+    /// [`Shared::generation`] when the session was admitted.
+    generation: u64,
+    meta: Box<Meta>,
+}
+
+/// Who the session is and what it holds, read at its end (log line, limits)
+/// and on reloads (revocation); boxed, out of the forwarding state.
+struct Meta {
+    route: Arc<Route>,
+    info: ConnInfo,
+    started: Instant,
+    route_slot: RouteSlot,
+    source_slot: Option<SourceSlot>,
+    session: SessionGuard,
+}
+
+/// Header, route lookup, admission and dial. `None` when the connection was
+/// refused, was a probe, or the dial failed (each already counted and logged).
+async fn setup(stream: TcpStream, peer: SocketAddr, port: u16, shared: Arc<Shared>) -> Option<Admitted> {
+    let shared = &shared;
     let peer = PeerAddr(canonical(peer));
-    let snap = shared.snapshot.load_full();
-    let cfg = &snap.config;
+    let (mode, header_timeout, trusted) = {
+        let snap = shared.snapshot.load();
+        let pp = &snap.config.proxy_protocol;
+        (pp.mode, pp.header_timeout, pp.trusted.iter().any(|n| n.contains(&peer.0.ip())))
+    };
 
     // 1. PROXY header.
-    let (info, early) = match cfg.proxy_protocol.mode {
-        ProxyMode::Off => {
-            let info = ConnInfo { port, peer, client: ClientAddr(peer.0), endpoint: None };
-            (info, Vec::new())
-        }
-        ProxyMode::Required => {
-            let unheaded = ConnInfo { port, peer, client: ClientAddr(peer.0), endpoint: None };
-            let trusted = cfg.proxy_protocol.trusted.iter().any(|n| n.contains(&peer.0.ip()));
-            if !trusted {
-                // Whatever it sends is refused; only a probe is spared the log line.
-                let wait = cfg.proxy_protocol.header_timeout;
-                if let Ok(true) = tokio::time::timeout(wait, closes_without_data(&stream)).await {
-                    shared.metrics.health_checks.increment(1);
-                    return;
-                }
-                let detail = "peer is not in proxy_protocol.trusted";
-                return reject(&shared, &unheaded, None, Reject::ProxyHeader, detail);
+    let unheaded = ConnInfo { port, peer, client: ClientAddr(peer.0), endpoint: None };
+    let (info, early) = match mode {
+        ProxyMode::Off => (unheaded, Vec::new()),
+        ProxyMode::Required if !trusted => {
+            // Whatever it sends is refused; only a probe is spared the log line.
+            if let Ok(true) = tokio::time::timeout(header_timeout, closes_without_data(&stream)).await {
+                shared.metrics.health_checks.increment(1);
+                return None;
             }
-            match read_header(&stream, cfg.proxy_protocol.header_timeout).await {
-                HeaderRead::Probe => {
-                    shared.metrics.health_checks.increment(1);
-                    return;
-                }
-                HeaderRead::Failed(detail) => {
-                    return reject(&shared, &unheaded, None, Reject::ProxyHeader, &detail);
-                }
-                HeaderRead::Header(h, _) if h.command == Command::Local => {
-                    shared.metrics.health_checks.increment(1);
-                    return;
-                }
-                HeaderRead::Header(h, early) => {
-                    let client = h.source.map(canonical).unwrap_or(peer.0);
-                    let info = ConnInfo { port, peer, client: ClientAddr(client), endpoint: h.vpc_endpoint };
-                    (info, early)
-                }
-            }
+            let detail = "peer is not in proxy_protocol.trusted";
+            reject(shared, &unheaded, None, Reject::ProxyHeader, detail);
+            return None;
         }
+        ProxyMode::Required => match read_header(&stream, header_timeout).await {
+            HeaderRead::Probe => {
+                shared.metrics.health_checks.increment(1);
+                return None;
+            }
+            HeaderRead::Failed(detail) => {
+                reject(shared, &unheaded, None, Reject::ProxyHeader, &detail);
+                return None;
+            }
+            HeaderRead::Header(h, _) if h.command == Command::Local => {
+                shared.metrics.health_checks.increment(1);
+                return None;
+            }
+            HeaderRead::Header(h, early) => {
+                let client = h.source.map(canonical).unwrap_or(peer.0);
+                let info = ConnInfo { port, peer, client: ClientAddr(client), endpoint: h.vpc_endpoint };
+                (info, early)
+            }
+        },
     };
 
-    // 2. Route lookup and admission, on the newest map.
-    let updates = shared.updates.subscribe();
+    // 2. Route lookup and admission, on the newest map. The generation is
+    // read first: a reload from here on is re-checked while forwarding.
+    let generation = shared.generation();
     let snap = shared.snapshot.load_full();
     let Some(entry) = snap.table.lookup(port, info.endpoint.as_deref()).cloned() else {
-        return reject_or_probe(&shared, &stream, &snap, &info, early, None, Reject::NoRoute).await;
+        reject_or_probe(shared, &stream, &snap, &info, early, None, Reject::NoRoute).await;
+        return None;
     };
     if let Err(reason) = admit(&entry.route, info.client.0.ip(), info.endpoint.as_deref()) {
-        return reject_or_probe(&shared, &stream, &snap, &info, early, Some(&entry), reason).await;
+        reject_or_probe(shared, &stream, &snap, &info, early, Some(&entry), reason).await;
+        return None;
     }
     let Some(route_slot) = entry.state.try_acquire(entry.route.max_connections) else {
-        return reject_or_probe(&shared, &stream, &snap, &info, early, Some(&entry), Reject::Limit).await;
+        reject_or_probe(shared, &stream, &snap, &info, early, Some(&entry), Reject::Limit).await;
+        return None;
     };
     let max_per_source = snap.config.access.max_per_source;
     let source_slot = if max_per_source > 0 {
-        match shared.per_source.try_acquire(info.client.0.ip(), max_per_source) {
+        match shared.try_acquire_source(info.client.0.ip(), max_per_source) {
             Some(s) => Some(s),
             None => {
                 drop(route_slot);
-                return reject_or_probe(&shared, &stream, &snap, &info, early, Some(&entry), Reject::Limit)
-                    .await;
+                reject_or_probe(shared, &stream, &snap, &info, early, Some(&entry), Reject::Limit).await;
+                return None;
             }
         }
     } else {
         None
     };
-    let _session = shared.session_guard();
-    let state = Arc::clone(route_slot.state());
-    state.metrics.accepted.increment(1);
+    let session = shared.session_guard();
+    route_slot.state().metrics.accepted.increment(1);
 
     // 3. Dial.
     let started = Instant::now();
@@ -151,34 +210,26 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, port: u16, shared: Arc<Sha
         Ok(t) => t,
         Err(e) => {
             let kind = classify(&e);
-            state.metrics.connect_error(kind).increment(1);
+            route_slot.state().metrics.connect_error(kind).increment(1);
             close_cleanly(&stream);
             let end =
                 SessionEnd { route: &entry.route, info: &info, bytes: (0, 0), elapsed: started.elapsed() };
             end.log(CloseReason::Error, Some(&e), Some(kind.as_str()));
-            return;
+            return None;
         }
     };
-    state.metrics.connect_duration.record(started.elapsed().as_secs_f64());
+    route_slot.state().metrics.connect_duration.record(started.elapsed().as_secs_f64());
     // The client socket inherited keepalive and nodelay from its listener.
     if !sockopt::ACCEPTED_INHERIT_OPTS {
         sockopt::apply_session_opts(&stream, &snap.config.keepalive, "client");
     }
     sockopt::apply_session_opts(&target, &snap.config.keepalive, "target");
 
-    // 4. Forward until both sides close, or revocation / shutdown.
-    let sink = StateSink(&state);
-    let mut fwd = Forward::new(&stream, &target, early, snap.config.timeouts.idle, &sink);
-    let (close, error) = forward_watching(&shared, &mut fwd, updates, &entry.route, &info).await;
-    let (to_target, to_client) = fwd.bytes();
-    drop(fwd);
-    let elapsed = started.elapsed();
-    state.metrics.session_duration.record(elapsed.as_secs_f64());
-    drop(source_slot);
-    drop(route_slot);
-
-    let end = SessionEnd { route: &entry.route, info: &info, bytes: (to_target, to_client), elapsed };
-    end.log(close, error.as_ref().map(|e| e as &dyn std::fmt::Display), None);
+    // The snapshot is not kept: a session lasting hours must not pin the
+    // config (and route table) it started under.
+    let idle = snap.config.timeouts.idle;
+    let meta = Box::new(Meta { route: entry.route, info, started, route_slot, source_slot, session });
+    Some(Admitted { client: stream, target, early, idle, generation, meta })
 }
 
 /// What the session-end log line says; filled in as the session runs.
@@ -225,61 +276,75 @@ impl ByteSink for StateSink<'_> {
 }
 
 /// Forward, while also watching for shutdown and for reloads that revoke
-/// this session.
+/// this session. `seen` is the generation the session was admitted under.
 async fn forward_watching(
     shared: &Shared,
-    fwd: &mut Forward<'_>,
-    mut updates: tokio::sync::watch::Receiver<Arc<Snapshot>>,
-    route: &Route,
-    info: &ConnInfo,
+    fwd: &mut Forward<'_, StateSink<'_>>,
+    mut seen: u64,
+    meta: &Meta,
 ) -> (CloseReason, Option<io::Error>) {
     // The revocation timer exists only once a reload revokes the session, so
     // an idle session's future does not carry a timer.
-    let mut revoke: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    let mut updates_open = true;
+    let mut revoke: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
-        let revoke_sleep = async {
-            match revoke.as_mut() {
-                Some(s) => s.as_mut().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            out = &mut *fwd => {
-                return match out.end {
-                    End::Closed { first: Side::Client } => (CloseReason::ClientClosed, None),
-                    End::Closed { first: Side::Target } => (CloseReason::TargetClosed, None),
-                    End::Reset { side: Side::Client } => (CloseReason::ClientClosed, None),
-                    End::Reset { side: Side::Target } => (CloseReason::TargetClosed, None),
-                    End::Error { error, .. } => (CloseReason::Error, Some(error)),
-                    End::Idle => {
-                        fwd.close_both();
-                        (CloseReason::IdleTimeout, None)
-                    }
-                };
-            }
-            _ = shared.force_close.cancelled() => {
-                fwd.close_both();
-                return (CloseReason::Shutdown, None);
-            }
-            changed = updates.changed(), if updates_open => {
-                if changed.is_err() {
-                    updates_open = false;
-                    continue;
-                }
-                let snap = updates.borrow_and_update().clone();
-                if still_admitted(&snap, route, info.client.0.ip(), info.endpoint.as_deref()) {
-                    revoke = None;
-                } else if revoke.is_none() {
-                    revoke = Some(Box::pin(tokio::time::sleep(snap.config.timeouts.revoke_grace)));
-                }
-            }
-            _ = revoke_sleep => {
-                fwd.close_both();
-                return (CloseReason::Revoked, None);
+        // Register for the next change before looking at the state, so a
+        // change between the two is not missed.
+        let mut changed = std::pin::pin!(shared.changed.notified());
+        changed.as_mut().enable();
+        if shared.closing() {
+            fwd.close_both();
+            return (CloseReason::Shutdown, None);
+        }
+        let generation = shared.generation();
+        if generation != seen {
+            seen = generation;
+            let snap = shared.snapshot.load();
+            let info = &meta.info;
+            if still_admitted(&snap, &meta.route, info.client.0.ip(), info.endpoint.as_deref()) {
+                revoke = None;
+            } else if revoke.is_none() {
+                revoke = Some(Box::pin(tokio::time::sleep(snap.config.timeouts.revoke_grace)));
             }
         }
+        let woke = std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = Pin::new(&mut *fwd).poll(cx) {
+                return Poll::Ready(Wake::Forwarded(out.end));
+            }
+            if let Some(r) = revoke.as_mut() {
+                if r.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Revoked);
+                }
+            }
+            match changed.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Wake::Changed),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        return match woke {
+            Wake::Changed => continue,
+            Wake::Revoked => {
+                fwd.close_both();
+                (CloseReason::Revoked, None)
+            }
+            Wake::Forwarded(End::Closed { first: Side::Client }) => (CloseReason::ClientClosed, None),
+            Wake::Forwarded(End::Closed { first: Side::Target }) => (CloseReason::TargetClosed, None),
+            Wake::Forwarded(End::Reset { side: Side::Client }) => (CloseReason::ClientClosed, None),
+            Wake::Forwarded(End::Reset { side: Side::Target }) => (CloseReason::TargetClosed, None),
+            Wake::Forwarded(End::Error { error, .. }) => (CloseReason::Error, Some(error)),
+            Wake::Forwarded(End::Idle) => {
+                fwd.close_both();
+                (CloseReason::IdleTimeout, None)
+            }
+        };
     }
+}
+
+/// What woke [`forward_watching`].
+enum Wake {
+    Forwarded(End),
+    Revoked,
+    Changed,
 }
 
 /// Would the config in `snap` still admit this session? Identity is the
@@ -486,10 +551,52 @@ mod tests {
         let _c = TcpStream::connect(a).await.unwrap();
         let (s, peer) = l.accept().await.unwrap();
         let fut = run(s, peer, a.port(), shared);
-        // Every idle session holds one of these (plus the task header and two
-        // I/O registrations); keep an eye on growth.
+        // Every idle session holds one of these inside tokio's task cell,
+        // which is 128-byte aligned: with the task header and trailer
+        // (~90 bytes), up to ~420 bytes keep the cell at 512 bytes. Setup
+        // state is boxed and freed before forwarding, so it is not counted.
         let size = std::mem::size_of_val(&fut);
         eprintln!("session future: {size} bytes");
-        assert!(size <= 1536, "the session future grew to {size} bytes");
+        assert!(size <= 416, "the session future grew to {size} bytes");
+    }
+
+    #[tokio::test]
+    async fn a_running_session_does_not_pin_the_config_it_started_under() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let backend_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = backend_l.local_addr().unwrap();
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = front.local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portgate.toml");
+        let text = format!(
+            "[access]\nallow = [\"127.0.0.0/8\"]\n[[route]]\nname = \"r\"\nport = {port}\ntarget = \"{target}\"\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        let cfg = crate::config::load(&path).unwrap();
+        let shared = Shared::new(cfg, Arc::new(Metrics::new()));
+
+        let mut user = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (s, peer) = front.accept().await.unwrap();
+        let task = tokio::spawn(run(s, peer, port, Arc::clone(&shared)));
+        let (mut backend, _) = backend_l.accept().await.unwrap();
+        let mut b = [0u8; 1];
+        user.write_all(b"x").await.unwrap();
+        backend.read_exact(&mut b).await.unwrap();
+
+        // A reload to an equivalent config: the session stays, and the old
+        // snapshot is held by nobody but this test.
+        let old = shared.snapshot.load_full();
+        shared.publish(Arc::new(Snapshot::new((*old.config).clone(), &shared.states)));
+        assert_eq!(Arc::strong_count(&old), 1, "a session still holds the replaced snapshot");
+        backend.write_all(b"y").await.unwrap();
+        user.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"y");
+        assert_eq!(shared.active_sessions(), 1);
+
+        drop(user);
+        drop(backend);
+        task.await.unwrap();
+        assert_eq!(shared.active_sessions(), 0);
     }
 }

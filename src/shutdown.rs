@@ -61,7 +61,7 @@ pub async fn shutdown(server: &mut Server, signals: &mut mpsc::Receiver<Signal>)
     // 4. force
     if !shared.sessions.is_empty() {
         tracing::info!(sessions = shared.active_sessions(), "closing the remaining sessions");
-        shared.force_close.cancel();
+        shared.close_sessions();
         let _ = tokio::time::timeout(FORCE_GRACE, shared.sessions.wait()).await;
     }
     tracing::info!("portgate stopped");
