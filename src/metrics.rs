@@ -9,12 +9,33 @@
 //! The recorder is owned by [`Metrics`], not installed globally: several
 //! servers can live in one process (tests) without sharing counters.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::routes::Reject;
+
+/// How often queued histogram samples are folded into their buckets, scraped
+/// or not (the exporter's own HTTP server uses the same period).
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Run [`Metrics::upkeep`] every [`UPKEEP_INTERVAL`] until `stop`.
+pub fn spawn_upkeep(metrics: Arc<Metrics>, stop: CancellationToken) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => metrics.upkeep(),
+            }
+        }
+    })
+}
 
 pub const CONNECTIONS_ACCEPTED: &str = "portgate_connections_accepted_total";
 pub const CONNECTIONS_REJECTED: &str = "portgate_connections_rejected_total";
@@ -204,6 +225,14 @@ impl Metrics {
     pub fn set_config_hash(&self, hash: &str) {
         let mut h = self.config_hash.lock().unwrap_or_else(|e| e.into_inner());
         *h = hash.to_owned();
+    }
+
+    /// Fold the histogram samples recorded since the last call into their
+    /// buckets. The exporter queues every `record` until this runs (or a
+    /// scrape renders), so a node nobody scrapes would otherwise keep every
+    /// session's samples forever; [`spawn_upkeep`] calls it periodically.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
     }
 
     /// The Prometheus text exposition.

@@ -269,6 +269,7 @@ pub async fn run(
     systemd::notify_ready(&shared.status_line());
     let background = CancellationToken::new();
     systemd::spawn_watchdog(Arc::clone(&shared), background.clone());
+    crate::metrics::spawn_upkeep(Arc::clone(&shared.metrics), background.clone());
 
     while let Some(sig) = signals.recv().await {
         match sig {
