@@ -93,10 +93,12 @@ impl ListenerSet {
         Ok(Bound(bound))
     }
 
-    /// Start accepting on `bound`, and close every running port not in `ports`.
-    /// If the published config changed `[keepalive]`, the kept listeners get
-    /// the new options (sockets accepted from then on inherit them).
-    pub fn commit(&mut self, bound: Bound, ports: &[u16], shared: &Arc<Shared>) {
+    /// Start accepting on `bound`, and close every running port not in `ports`;
+    /// returns once those sockets are closed (so when a reload reports
+    /// success, a removed port is free again). Sessions accepted on them are
+    /// not touched. If the published config changed `[keepalive]`, the kept
+    /// listeners get the new options (sockets accepted from then on inherit them).
+    pub async fn commit(&mut self, bound: Bound, ports: &[u16], shared: &Arc<Shared>) {
         let ka = shared.snapshot.load().config.keepalive.clone();
         if self.keepalive.as_ref().is_some_and(|old| *old != ka) {
             for r in self.running.values() {
@@ -113,10 +115,13 @@ impl ListenerSet {
         }
         let keep: std::collections::HashSet<u16> = ports.iter().copied().collect();
         let gone: Vec<u16> = self.running.keys().copied().filter(|p| !keep.contains(p)).collect();
-        for port in gone {
-            if let Some(r) = self.running.remove(&port) {
-                r.cancel.cancel();
-            }
+        let gone: Vec<Running> = gone.iter().filter_map(|p| self.running.remove(p)).collect();
+        for r in &gone {
+            r.cancel.cancel();
+        }
+        for r in gone {
+            drop(r.listener);
+            let _ = r.task.await;
         }
     }
 

@@ -60,7 +60,7 @@ pub async fn reload(server: &mut Server) {
     let loaded = tokio::task::spawn_blocking(move || config::load(&path)).await;
     let metrics = Arc::clone(&server.shared.metrics);
     let result = match loaded {
-        Ok(Ok(new)) => apply(server, new).map_err(|e| e.to_string()),
+        Ok(Ok(new)) => apply(server, new).await.map_err(|e| e.to_string()),
         Ok(Err(e)) => Err(e.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")),
         Err(e) => Err(format!("config loader failed: {e}")),
     };
@@ -83,7 +83,7 @@ pub async fn reload(server: &mut Server) {
 }
 
 /// Apply a validated config: all or nothing.
-pub fn apply(server: &mut Server, new: Config) -> Result<(), ApplyError> {
+pub async fn apply(server: &mut Server, new: Config) -> Result<(), ApplyError> {
     let shared = Arc::clone(&server.shared);
     let old = shared.snapshot.load_full();
     if new.listen.address != old.config.listen.address {
@@ -112,7 +112,7 @@ pub fn apply(server: &mut Server, new: Config) -> Result<(), ApplyError> {
     shared.states.refresh_labels(&new);
     let snap = Arc::new(Snapshot::new(new, &shared.states));
     shared.publish(Arc::clone(&snap));
-    server.listeners.commit(bound, &ports, &shared);
+    server.listeners.commit(bound, &ports, &shared).await;
     shared.states.retain(&snap.config);
     if let Some(admin) = new_admin {
         if let Some(old_admin) = std::mem::replace(&mut server.admin, admin) {

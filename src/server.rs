@@ -241,7 +241,7 @@ impl Server {
             ),
             None => None,
         };
-        listeners.commit(bound, &ports, &shared);
+        listeners.commit(bound, &ports, &shared).await;
         shared.ready.store(true, Ordering::Release);
         let snap = shared.snapshot.load();
         tracing::info!(
