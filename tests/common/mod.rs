@@ -162,22 +162,11 @@ impl Portgate {
 
     /// SIGHUP, then wait for the reload's outcome line; returns it.
     pub fn reload(&self) -> serde_json::Value {
-        let before = self.count_logs(is_reload_outcome);
+        let from = self.logs.lines.lock().unwrap().len();
         self.signal(libc::SIGHUP);
-        let deadline = Instant::now() + SOON;
-        loop {
-            let lines = self.logs.lines.lock().unwrap();
-            let outcomes: Vec<&String> = lines.iter().filter(|l| is_reload_outcome(l)).collect();
-            if outcomes.len() > before {
-                return parse(outcomes[before]);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                drop(lines);
-                panic!("no reload outcome logged within {SOON:?}");
-            }
-            let _ = self.logs.cv.wait_timeout(lines, left).unwrap();
-        }
+        // Lines before the signal cannot hold its outcome; only new lines
+        // are scanned (a soak writes hundreds of thousands).
+        parse(&self.wait_log_from(from, is_reload_outcome, 1, SOON))
     }
 
     pub fn count_logs(&self, pred: impl Fn(&str) -> bool) -> usize {
@@ -200,12 +189,24 @@ impl Portgate {
 
     /// Wait until `n` log lines satisfy `pred`; returns the n-th.
     pub fn wait_log_n(&self, pred: impl Fn(&str) -> bool, n: usize, timeout: Duration) -> String {
+        self.wait_log_from(0, pred, n, timeout)
+    }
+
+    /// Wait until `n` log lines from index `from` on satisfy `pred`; returns
+    /// the n-th. Each line is looked at once, however long the wait.
+    fn wait_log_from(&self, from: usize, pred: impl Fn(&str) -> bool, n: usize, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         let mut lines = self.logs.lines.lock().unwrap();
+        let (mut next, mut hits) = (from, 0);
         loop {
-            let hits: Vec<&String> = lines.iter().filter(|l| pred(l)).collect();
-            if hits.len() >= n {
-                return hits[n - 1].clone();
+            while next < lines.len() {
+                if pred(&lines[next]) {
+                    hits += 1;
+                    if hits == n {
+                        return lines[next].clone();
+                    }
+                }
+                next += 1;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || lines.last().map(|l| l == "<stderr closed>").unwrap_or(false) {
