@@ -80,7 +80,7 @@ fn canonical(sa: SocketAddr) -> SocketAddr {
 /// own boxed future, freed as soon as the target answers. Forwarding can
 /// last hours, mostly idle: its state is all an idle session costs, so it is
 /// kept small (two sockets, two directions, one boxed record of who and
-/// what for the log line, and the reload subscription).
+/// what for the log line, and a waiter for reloads and shutdown).
 pub fn run(stream: TcpStream, peer: SocketAddr, port: u16, shared: Arc<Shared>) -> impl Future<Output = ()> {
     // Not an `async fn`: its arguments would sit in the session's state for
     // its whole life. The async block holds only the boxed setup and `shared`.
