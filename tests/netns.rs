@@ -28,13 +28,13 @@
 mod common;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, Once};
+use std::sync::{mpsc, Arc, Mutex, Once};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -248,12 +248,6 @@ fn netns_or_skip(test: &str) -> bool {
 // portgate inside a namespace
 // ---------------------------------------------------------------------------
 
-#[derive(Default)]
-struct LogBuf {
-    lines: Mutex<Vec<String>>,
-    cv: Condvar,
-}
-
 /// A portgate process running inside a namespace. Its admin listener is on
 /// that namespace's loopback, so metrics are fetched from a thread there.
 struct NsPortgate {
@@ -299,18 +293,7 @@ impl NsPortgate {
         }
         let mut child = cmd.spawn().expect("spawn portgate in namespace");
         drop(ns_file);
-        let logs = Arc::new(LogBuf::default());
-        let stderr = child.stderr.take().unwrap();
-        let sink = Arc::clone(&logs);
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lines.lock().unwrap().push(line);
-                sink.cv.notify_all();
-            }
-            sink.lines.lock().unwrap().push("<stderr closed>".into());
-            sink.cv.notify_all();
-        });
+        let logs = LogBuf::capture(child.stderr.take().unwrap());
         let pg = NsPortgate {
             child,
             ns_path: ns.path(),
@@ -325,26 +308,12 @@ impl NsPortgate {
 
     /// Wait for the n-th log line satisfying `pred`.
     fn wait_line(&self, pred: impl Fn(&str) -> bool, n: usize, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        let mut lines = self.logs.lines.lock().unwrap();
-        loop {
-            let hits: Vec<&String> = lines.iter().filter(|l| pred(l)).collect();
-            if hits.len() >= n {
-                return hits[n - 1].clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || lines.last().is_some_and(|l| l == "<stderr closed>") {
-                drop(lines);
-                panic!("log line not seen within {timeout:?} (wanted {n})");
-            }
-            lines = self.logs.cv.wait_timeout(lines, left).unwrap().0;
-        }
+        self.logs.wait_from(0, pred, n, timeout)
     }
 
     /// JSON events satisfying `pred`.
     fn events(&self, pred: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
-        let lines = self.logs.lines.lock().unwrap().clone();
-        lines.iter().filter_map(|l| serde_json::from_str(l).ok()).filter(|v| pred(v)).collect()
+        self.logs.events(pred)
     }
 
     /// Wait until `n` "session closed" events for `route` are logged; return them.
@@ -381,7 +350,7 @@ impl Drop for NsPortgate {
         if thread::panicking() {
             eprintln!("---- portgate config (in {}) ----\n{}", self.ns_path, self.config);
             eprintln!("---- portgate log ----");
-            for l in self.logs.lines.lock().unwrap().iter() {
+            for l in self.logs.lines().iter() {
                 eprintln!("{l}");
             }
             eprintln!("---- end ----");

@@ -68,10 +68,69 @@ pub fn free_port() -> u16 {
     free_ports(1)
 }
 
+/// A child's stderr, line by line, as it arrives; waited on with a deadline.
 #[derive(Default)]
-struct LogBuf {
+pub struct LogBuf {
     lines: Mutex<Vec<String>>,
     cv: Condvar,
+}
+
+impl LogBuf {
+    /// Collect `stderr` from a thread until it closes (then a final
+    /// `<stderr closed>` line).
+    pub fn capture(stderr: std::process::ChildStderr) -> Arc<LogBuf> {
+        let logs = Arc::new(LogBuf::default());
+        let sink = Arc::clone(&logs);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lines.lock().unwrap().push(line);
+                sink.cv.notify_all();
+            }
+            sink.lines.lock().unwrap().push("<stderr closed>".into());
+            sink.cv.notify_all();
+        });
+        logs
+    }
+
+    pub fn len(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// JSON lines matching `pred`.
+    pub fn events(&self, pred: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+        self.lines().iter().filter_map(|l| serde_json::from_str(l).ok()).filter(|v| pred(v)).collect()
+    }
+
+    /// Wait until `n` lines from index `from` on satisfy `pred`; returns the
+    /// n-th. Each line is looked at once, however long the wait (a soak
+    /// writes hundreds of thousands).
+    pub fn wait_from(&self, from: usize, pred: impl Fn(&str) -> bool, n: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.lines.lock().unwrap();
+        let (mut next, mut hits) = (from, 0);
+        loop {
+            while next < lines.len() {
+                if pred(&lines[next]) {
+                    hits += 1;
+                    if hits == n {
+                        return lines[next].clone();
+                    }
+                }
+                next += 1;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || lines.last().map(|l| l == "<stderr closed>").unwrap_or(false) {
+                drop(lines);
+                panic!("log line not seen within {timeout:?} (wanted {n})");
+            }
+            lines = self.cv.wait_timeout(lines, left).unwrap().0;
+        }
+    }
 }
 
 /// A running portgate process.
@@ -128,18 +187,7 @@ impl Portgate {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("spawn portgate");
-        let logs = Arc::new(LogBuf::default());
-        let stderr = child.stderr.take().unwrap();
-        let sink = Arc::clone(&logs);
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lines.lock().unwrap().push(line);
-                sink.cv.notify_all();
-            }
-            sink.lines.lock().unwrap().push("<stderr closed>".into());
-            sink.cv.notify_all();
-        });
+        let logs = LogBuf::capture(child.stderr.take().unwrap());
         Portgate { child, dir, config_path, logs, admin, config_text: Mutex::new(text) }
     }
 
@@ -162,11 +210,10 @@ impl Portgate {
 
     /// SIGHUP, then wait for the reload's outcome line; returns it.
     pub fn reload(&self) -> serde_json::Value {
-        let from = self.logs.lines.lock().unwrap().len();
+        let from = self.logs.len();
         self.signal(libc::SIGHUP);
-        // Lines before the signal cannot hold its outcome; only new lines
-        // are scanned (a soak writes hundreds of thousands).
-        parse(&self.wait_log_from(from, is_reload_outcome, 1, SOON))
+        // Lines before the signal cannot hold its outcome.
+        parse(&self.logs.wait_from(from, is_reload_outcome, 1, SOON))
     }
 
     pub fn count_logs(&self, pred: impl Fn(&str) -> bool) -> usize {
@@ -174,12 +221,12 @@ impl Portgate {
     }
 
     pub fn logs(&self) -> Vec<String> {
-        self.logs.lines.lock().unwrap().clone()
+        self.logs.lines()
     }
 
     /// JSON log events matching `pred`.
     pub fn events(&self, pred: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
-        self.logs().iter().filter_map(|l| serde_json::from_str(l).ok()).filter(|v| pred(v)).collect()
+        self.logs.events(pred)
     }
 
     /// Wait until a log line satisfies `pred`; returns it.
@@ -189,32 +236,7 @@ impl Portgate {
 
     /// Wait until `n` log lines satisfy `pred`; returns the n-th.
     pub fn wait_log_n(&self, pred: impl Fn(&str) -> bool, n: usize, timeout: Duration) -> String {
-        self.wait_log_from(0, pred, n, timeout)
-    }
-
-    /// Wait until `n` log lines from index `from` on satisfy `pred`; returns
-    /// the n-th. Each line is looked at once, however long the wait.
-    fn wait_log_from(&self, from: usize, pred: impl Fn(&str) -> bool, n: usize, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        let mut lines = self.logs.lines.lock().unwrap();
-        let (mut next, mut hits) = (from, 0);
-        loop {
-            while next < lines.len() {
-                if pred(&lines[next]) {
-                    hits += 1;
-                    if hits == n {
-                        return lines[next].clone();
-                    }
-                }
-                next += 1;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || lines.last().map(|l| l == "<stderr closed>").unwrap_or(false) {
-                drop(lines);
-                panic!("log line not seen within {timeout:?} (wanted {n})");
-            }
-            lines = self.logs.cv.wait_timeout(lines, left).unwrap().0;
-        }
+        self.logs.wait_from(0, pred, n, timeout)
     }
 
     /// Wait for the n-th JSON event with `message` and return it.
