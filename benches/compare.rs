@@ -492,6 +492,30 @@ fn spawn_wait(mut cmd: Command, base: u16) -> Child {
 #[derive(Default, Clone)]
 struct Sample(HashMap<&'static str, f64>);
 
+/// Release the load threads waiting on `barrier`, let them run for `secs`,
+/// stop and join them; after `settle`, return (elapsed seconds, proxy CPU
+/// seconds spent meanwhile).
+fn timed_run(
+    p: &Proxy,
+    barrier: &Barrier,
+    stop: &AtomicBool,
+    threads: Vec<thread::JoinHandle<()>>,
+    secs: f64,
+    settle: Duration,
+) -> (f64, f64) {
+    let cpu0 = p.cpu();
+    barrier.wait();
+    let t0 = Instant::now();
+    thread::sleep(Duration::from_secs_f64(secs));
+    stop.store(true, Ordering::Relaxed);
+    for h in threads {
+        h.join().unwrap();
+    }
+    let el = t0.elapsed().as_secs_f64();
+    thread::sleep(settle);
+    (el, p.cpu() - cpu0)
+}
+
 fn bulk(p: &Proxy, conns: usize, secs: f64) -> Sample {
     let barrier = Arc::new(Barrier::new(conns + 1));
     let stop = Arc::new(AtomicBool::new(false));
@@ -519,16 +543,7 @@ fn bulk(p: &Proxy, conns: usize, secs: f64) -> Sample {
             total.fetch_add(sent, Ordering::Relaxed);
         }));
     }
-    let cpu0 = p.cpu();
-    barrier.wait();
-    let t0 = Instant::now();
-    thread::sleep(Duration::from_secs_f64(secs));
-    stop.store(true, Ordering::Relaxed);
-    for h in hs {
-        h.join().unwrap();
-    }
-    let el = t0.elapsed().as_secs_f64();
-    let cpu = p.cpu() - cpu0;
+    let (el, cpu) = timed_run(p, &barrier, &stop, hs, secs, Duration::ZERO);
     let bytes = total.load(Ordering::Relaxed) as f64;
     let mut s = Sample::default();
     s.0.insert("gbps", bytes * 8.0 / el / 1e9);
@@ -613,18 +628,8 @@ fn connrate(p: &Proxy, ports: u16, secs: f64) -> Sample {
             lat.lock().unwrap().extend(mine);
         }));
     }
-    let cpu0 = p.cpu();
-    barrier.wait();
-    let t0 = Instant::now();
-    thread::sleep(Duration::from_secs_f64(secs));
-    stop.store(true, Ordering::Relaxed);
-    for h in hs {
-        h.join().unwrap();
-    }
-    let el = t0.elapsed().as_secs_f64();
     // Give the proxy time to finish closing (it counts toward its CPU).
-    thread::sleep(Duration::from_millis(100));
-    let cpu = p.cpu() - cpu0;
+    let (el, cpu) = timed_run(p, &barrier, &stop, hs, secs, Duration::from_millis(100));
     let mut v = std::mem::take(&mut *lat.lock().unwrap());
     let n = v.len() as f64;
     let errs = errors.load(Ordering::Relaxed);
