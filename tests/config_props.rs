@@ -282,7 +282,12 @@ fn arb_cidr() -> impl Strategy<Value = Spelled<IpNet>> {
 }
 
 fn cidr_list(list: &[Spelled<IpNet>], literal: bool) -> String {
-    let items: Vec<String> = list.iter().map(|c| toml_str(&c.text, literal)).collect();
+    let items: Vec<String> = list.iter().map(|c| c.text.clone()).collect();
+    str_list(&items, literal)
+}
+
+fn str_list(list: &[String], literal: bool) -> String {
+    let items: Vec<String> = list.iter().map(|e| toml_str(e, literal)).collect();
     format!("[{}]", items.join(", "))
 }
 
@@ -621,8 +626,7 @@ impl Model {
             line(&mut t, "allow", cidr_list(list, true));
         }
         if let Some(list) = &self.access_endpoints {
-            let items: Vec<String> = list.iter().map(|e| toml_str(e, false)).collect();
-            line(&mut t, "endpoints", format!("[{}]", items.join(", ")));
+            line(&mut t, "endpoints", str_list(list, false));
         }
         if let Some(n) = self.access_max {
             line(&mut t, "max_connections", n.to_string());
@@ -647,8 +651,7 @@ impl Model {
                 line(&mut t, "allow", cidr_list(list, lit));
             }
             if let Some(list) = &r.endpoints {
-                let items: Vec<String> = list.iter().map(|e| toml_str(e, lit)).collect();
-                line(&mut t, "endpoints", format!("[{}]", items.join(", ")));
+                line(&mut t, "endpoints", str_list(list, lit));
             }
             if let Some(n) = r.max_connections {
                 line(&mut t, "max_connections", n.to_string());
