@@ -720,7 +720,7 @@ fn reload_test(echo: u16, rounds: usize, workdir: &Path) -> Vec<Sample> {
             .args(["-c", "0", BIN, "run", "-c"])
             .arg(&path)
             // Only the ready and reload lines; no session lines.
-            .env("RUST_LOG", "warn,portgate::server=info,portgate::reload=info")
+            .env("RUST_LOG", "warn,portgate::node=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -8,7 +8,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,40 +16,38 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::node::state::NodeState;
 use crate::proxy_protocol;
-use crate::server::Shared;
 use crate::sockopt;
 
 /// A request head must arrive within this time.
-pub const ADMIN_READ_TIMEOUT: Duration = Duration::from_secs(5);
+const ADMIN_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head (PROXY header included) we read.
 const MAX_REQUEST: usize = 16 * 1024;
 
 /// The running admin listener.
-pub struct AdminServer {
+pub(crate) struct AdminServer {
     cancel: CancellationToken,
     task: JoinHandle<()>,
-    pub addr: SocketAddr,
 }
 
 impl AdminServer {
     /// Bind `addr` and start serving.
-    pub fn bind(addr: SocketAddr, shared: Arc<Shared>) -> io::Result<AdminServer> {
+    pub(crate) fn bind(addr: SocketAddr, state: Arc<NodeState>) -> io::Result<AdminServer> {
         let listener = sockopt::bind_listener(addr.ip(), addr.port())?;
-        let addr = listener.local_addr()?;
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(serve(listener, shared, cancel.clone()));
-        Ok(AdminServer { cancel, task, addr })
+        let task = tokio::spawn(serve(listener, state, cancel.clone()));
+        Ok(AdminServer { cancel, task })
     }
 
     /// Stop accepting and close the socket.
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         self.cancel.cancel();
         let _ = self.task.await;
     }
 }
 
-async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken) {
+async fn serve(listener: TcpListener, state: Arc<NodeState>, cancel: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -58,9 +55,9 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationT
         };
         match accepted {
             Ok((stream, peer)) => {
-                let shared = Arc::clone(&shared);
+                let state = Arc::clone(&state);
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(ADMIN_READ_TIMEOUT, handle(stream, peer, &shared)).await;
+                    let _ = tokio::time::timeout(ADMIN_READ_TIMEOUT, handle(stream, peer, &state)).await;
                 });
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -68,7 +65,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationT
     }
 }
 
-async fn handle(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()> {
+async fn handle(mut stream: TcpStream, peer: SocketAddr, state: &NodeState) -> io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
     let mut head_start = None;
@@ -79,7 +76,7 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io:
         }
         buf.extend_from_slice(&chunk[..n]);
         if head_start.is_none() {
-            match strip_proxy_header(&buf, peer, shared) {
+            match strip_proxy_header(&buf, peer, state) {
                 Strip::NeedMore => {}
                 Strip::Reject => {
                     return respond(&mut stream, 400, "text/plain", "bad PROXY header\n", false).await
@@ -90,7 +87,7 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io:
         if let Some(at) = head_start {
             if let Some(end) = find(&buf[at..], b"\r\n\r\n").or_else(|| find(&buf[at..], b"\n\n")) {
                 let head = &buf[at..at + end];
-                return route(&mut stream, head, shared).await;
+                return route(&mut stream, head, state).await;
             }
         }
         if buf.len() > MAX_REQUEST {
@@ -106,7 +103,7 @@ enum Strip {
     Start(usize),
 }
 
-fn strip_proxy_header(buf: &[u8], peer: SocketAddr, shared: &Shared) -> Strip {
+fn strip_proxy_header(buf: &[u8], peer: SocketAddr, state: &NodeState) -> Strip {
     let looks_like_proxy = |b: u8| b == b'\r' || b == b'P';
     match buf.first() {
         Some(&b) if looks_like_proxy(b) => {}
@@ -121,7 +118,7 @@ fn strip_proxy_header(buf: &[u8], peer: SocketAddr, shared: &Shared) -> Strip {
         return Strip::Start(0);
     }
     let trusted = {
-        let snap = shared.snapshot.load();
+        let snap = state.snapshot();
         let ip = peer.ip().to_canonical();
         snap.config.proxy_protocol.trusted.iter().any(|n| n.contains(&ip))
     };
@@ -130,7 +127,7 @@ fn strip_proxy_header(buf: &[u8], peer: SocketAddr, shared: &Shared) -> Strip {
         Ok(Some((h, used))) if trusted => {
             // The NLB's HTTP health check arrives behind a LOCAL header.
             if h.command == proxy_protocol::Command::Local {
-                shared.metrics.health_checks.increment(1);
+                state.metrics.health_checks.increment(1);
             }
             Strip::Start(used)
         }
@@ -142,7 +139,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-async fn route(stream: &mut TcpStream, head: &[u8], shared: &Shared) -> io::Result<()> {
+async fn route(stream: &mut TcpStream, head: &[u8], state: &NodeState) -> io::Result<()> {
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut parts = line.trim_end().split(' ');
@@ -155,12 +152,12 @@ async fn route(stream: &mut TcpStream, head: &[u8], shared: &Shared) -> io::Resu
     }
     match path {
         "/metrics" => {
-            let body = shared.metrics.render();
+            let body = state.metrics.render();
             respond(stream, 200, "text/plain; version=0.0.4; charset=utf-8", &body, head_only).await
         }
         "/healthz" => respond(stream, 200, "text/plain", "ok\n", head_only).await,
         "/readyz" => {
-            if shared.ready.load(Ordering::Acquire) {
+            if state.is_ready() {
                 respond(stream, 200, "text/plain", "ready\n", head_only).await
             } else {
                 respond(stream, 503, "text/plain", "not ready\n", head_only).await

@@ -9,43 +9,48 @@
 //!
 //! # Layout
 //!
+//! The data path, in the order a connection meets it:
+//! `listener` -> `session` (`header` -> `admission` -> `dial`) -> `forward`
+//! -> `session/record` (counters and the log line).
+//!
 //! | module | owns |
 //! | --- | --- |
-//! | [`cli`] | the command line (clap): `run`, `check`, `routes`, `ssh-config` |
-//! | [`config`] | loading, includes and validation of the TOML file; the config hash |
-//! | [`routes`] | the `(port, via)` route table and admission checks |
-//! | [`proxy_protocol`] | PROXY v1/v2 header parsing (pure, no I/O) |
-//! | [`server`] | shared state, startup, the signal loop |
-//! | [`listener`] | binding the port set, the accept loop, reconciling on reload |
-//! | [`session`] | one connection: header, admission, dial, forward, log line |
-//! | [`forward`] | two-way byte copy with half-close, reset and idle timeout |
-//! | [`sockopt`] | keepalive, nodelay, listener and dialer sockets |
-//! | [`reload`] | SIGHUP: validate, diff, swap |
-//! | [`shutdown`] | SIGTERM: unready, delay, close, drain, force |
+//! | [`cli`] | the command line (clap): `run`, `check`, `routes`, `ssh-config`; `check`/`routes` output |
+//! | [`config`] | loading, includes and validation of the TOML file; defaults; the config hash |
+//! | `node` | the running node: startup and the signal loop; its steps `reload` and `shutdown` |
+//! | `node::state` | the published snapshot and the publish/observe protocol (a leaf) |
+//! | `listener` | binding the port set, the accept loop, reconciling on reload |
+//! | `session` | one connection: `header`, `admission`, `dial`, forwarding watch, `record` |
+//! | `forward` | two-way byte copy: one `half` per direction, splice `pipe`s, buffer `pool`s |
+//! | `routes` | the `(port, via)` route table and per-route runtime state |
+//! | `reason` | the label vocabulary: reject reasons, close reasons, connect error kinds |
+//! | [`proxy_protocol`] | PROXY v1/v2 header parsing and encoding (pure, no I/O) |
+//! | `sockopt` | keepalive, nodelay, user timeout; listener sockets |
 //! | [`metrics`] | every Prometheus series and label |
-//! | [`admin`] | `/metrics`, `/healthz`, `/readyz` |
+//! | `admin` | `/metrics`, `/healthz`, `/readyz` |
 //! | [`logging`] | text/JSON logs, `RUST_LOG` |
-//! | [`systemd`] | sd_notify and the watchdog |
+//! | `systemd` | sd_notify and the watchdog |
 //! | [`ssh_config`] | rendering `ssh_config(5)` blocks |
 //!
 //! `main.rs` only parses arguments, calls into this crate and maps the result
-//! to an exit code.
+//! to an exit code. Only what `main.rs`, the integration tests, the fuzz
+//! targets and the benches need is public; everything else is `pub(crate)`.
+//! No file here holds `unsafe`: system calls go through `rustix`.
 
-pub mod admin;
+mod admin;
 pub mod cli;
 pub mod config;
-pub mod forward;
-pub mod listener;
+mod forward;
+mod listener;
 pub mod logging;
 pub mod metrics;
+mod node;
 pub mod proxy_protocol;
-pub mod reload;
-pub mod routes;
-pub mod server;
-pub mod session;
-pub mod shutdown;
-pub mod sockopt;
+mod reason;
+mod routes;
+mod session;
+mod sockopt;
 pub mod ssh_config;
-pub mod systemd;
+mod systemd;
 
-pub use server::{run, Signal};
+pub use node::{run, Signal, StartError};

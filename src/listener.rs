@@ -11,6 +11,9 @@
 //! [`ListenerSet::commit`] starts accepting on them and closes the ports the
 //! new config dropped. Ports in both configs keep their socket: no connection
 //! is refused during a reload.
+//!
+//! This module accepts and hands off; it must not read from a connection,
+//! look at routes or log per connection.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -24,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Keepalive;
-use crate::server::Shared;
+use crate::node::state::NodeState;
 use crate::session;
 use crate::sockopt;
 
@@ -37,10 +40,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr} port {port}: {source}{hint}")]
 pub struct BindError {
-    pub addr: IpAddr,
-    pub port: u16,
+    addr: IpAddr,
+    port: u16,
     #[source]
-    pub source: io::Error,
+    source: io::Error,
     hint: &'static str,
 }
 
@@ -66,21 +69,23 @@ struct Running {
 }
 
 /// Sockets bound by [`ListenerSet::bind_new`], not yet accepting.
-pub struct Bound(Vec<(u16, TcpListener)>);
+pub(crate) struct Bound(Vec<(u16, TcpListener)>);
 
 /// The running listeners, by port.
 #[derive(Default)]
-pub struct ListenerSet {
+pub(crate) struct ListenerSet {
     running: BTreeMap<u16, Running>,
     /// The keepalive options the running listeners carry (accepted sockets
     /// inherit them).
     keepalive: Option<Keepalive>,
+    /// Shared by every accept loop: starvation is one episode per process.
+    starvation: Arc<Starvation>,
 }
 
 impl ListenerSet {
     /// Bind every port of `ports` that is not listening yet. On any failure
     /// the ports bound so far are closed again and nothing changes.
-    pub fn bind_new(&self, addr: IpAddr, ports: &[u16], ka: &Keepalive) -> Result<Bound, BindError> {
+    pub(crate) fn bind_new(&self, addr: IpAddr, ports: &[u16], ka: &Keepalive) -> Result<Bound, BindError> {
         let mut bound = Vec::new();
         for &port in ports {
             if self.running.contains_key(&port) {
@@ -96,21 +101,32 @@ impl ListenerSet {
     /// Start accepting on `bound`, and close every running port not in `ports`;
     /// returns once those sockets are closed (so when a reload reports
     /// success, a removed port is free again). Sessions accepted on them are
-    /// not touched. If the published config changed `[keepalive]`, the kept
-    /// listeners get the new options (sockets accepted from then on inherit them).
-    pub async fn commit(&mut self, bound: Bound, ports: &[u16], shared: &Arc<Shared>) {
-        let ka = shared.snapshot.load().config.keepalive.clone();
-        if self.keepalive.as_ref().is_some_and(|old| *old != ka) {
+    /// not touched. If `ka` differs from the running listeners' `[keepalive]`,
+    /// the kept listeners get the new options (sockets accepted from then on
+    /// inherit them).
+    pub(crate) async fn commit(
+        &mut self,
+        bound: Bound,
+        ports: &[u16],
+        ka: &Keepalive,
+        state: &Arc<NodeState>,
+    ) {
+        if self.keepalive.as_ref().is_some_and(|old| old != ka) {
             for r in self.running.values() {
-                sockopt::apply_listener_opts(&r.listener, &ka);
+                sockopt::apply_listener_opts(&r.listener, ka);
             }
         }
-        self.keepalive = Some(ka);
+        self.keepalive = Some(ka.clone());
         for (port, listener) in bound.0 {
             let cancel = CancellationToken::new();
             let listener = Arc::new(listener);
-            let task =
-                tokio::spawn(accept_loop(Arc::clone(&listener), port, Arc::clone(shared), cancel.clone()));
+            let accept = AcceptLoop {
+                listener: Arc::clone(&listener),
+                port,
+                state: Arc::clone(state),
+                starvation: Arc::clone(&self.starvation),
+            };
+            let task = tokio::spawn(accept.run(cancel.clone()));
             self.running.insert(port, Running { listener, cancel, task });
         }
         let keep: std::collections::HashSet<u16> = ports.iter().copied().collect();
@@ -126,7 +142,7 @@ impl ListenerSet {
     }
 
     /// Stop accepting everywhere and wait until every socket is closed.
-    pub async fn close_all(&mut self) {
+    pub(crate) async fn close_all(&mut self) {
         let running = std::mem::take(&mut self.running);
         for r in running.values() {
             r.cancel.cancel();
@@ -136,16 +152,8 @@ impl ListenerSet {
         }
     }
 
-    pub fn ports(&self) -> Vec<u16> {
-        self.running.keys().copied().collect()
-    }
-
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.running.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.running.is_empty()
     }
 }
 
@@ -153,7 +161,7 @@ impl ListenerSet {
 /// whole process, and at most once per [`STARVATION_LOG_EVERY`], so a node
 /// hovering at its limit does not flood the journal.
 #[derive(Default)]
-pub struct Starvation {
+struct Starvation {
     /// Set while accepts are failing.
     active: AtomicBool,
     /// Whether the current episode was logged (then its end is logged too).
@@ -162,7 +170,7 @@ pub struct Starvation {
 }
 
 /// Quiet period between two starvation log lines.
-pub const STARVATION_LOG_EVERY: Duration = Duration::from_secs(60);
+const STARVATION_LOG_EVERY: Duration = Duration::from_secs(60);
 
 impl Starvation {
     fn starved(&self, port: u16, e: &io::Error) {
@@ -195,43 +203,54 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
-async fn accept_loop(listener: Arc<TcpListener>, port: u16, shared: Arc<Shared>, cancel: CancellationToken) {
-    let mut backoff: Option<Duration> = None;
-    loop {
-        let res = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        match res {
-            Ok((stream, peer)) => {
-                if backoff.take().is_some() {
-                    shared.starvation.recovered(port);
+/// One port's accept loop and what it hands each connection.
+struct AcceptLoop {
+    listener: Arc<TcpListener>,
+    port: u16,
+    state: Arc<NodeState>,
+    starvation: Arc<Starvation>,
+}
+
+impl AcceptLoop {
+    async fn run(self, cancel: CancellationToken) {
+        let AcceptLoop { listener, port, state, starvation } = self;
+        let mut backoff: Option<Duration> = None;
+        loop {
+            let res = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                r = listener.accept() => r,
+            };
+            match res {
+                Ok((stream, peer)) => {
+                    if backoff.take().is_some() {
+                        starvation.recovered(port);
+                    }
+                    state.sessions.spawn(session::run(stream, peer, port, Arc::clone(&state)));
                 }
-                shared.sessions.spawn(session::run(stream, peer, port, Arc::clone(&shared)));
-            }
-            Err(e) if is_resource_exhaustion(&e) => {
-                let d = backoff.map_or(BACKOFF_MIN, |d| (d * 2).min(BACKOFF_MAX));
-                backoff = Some(d);
-                shared.starvation.starved(port, &e);
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(d) => {}
-                }
-            }
-            Err(e) => match e.kind() {
-                // The client gave up between SYN and accept: nothing to do.
-                io::ErrorKind::ConnectionAborted
-                | io::ErrorKind::ConnectionReset
-                | io::ErrorKind::Interrupted => {}
-                _ => {
-                    tracing::warn!(port, error = %e, "accept failed; retrying");
+                Err(e) if is_resource_exhaustion(&e) => {
+                    let d = backoff.map_or(BACKOFF_MIN, |d| (d * 2).min(BACKOFF_MAX));
+                    backoff = Some(d);
+                    starvation.starved(port, &e);
                     tokio::select! {
                         _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(BACKOFF_MIN) => {}
+                        _ = tokio::time::sleep(d) => {}
                     }
                 }
-            },
+                Err(e) => match e.kind() {
+                    // The client gave up between SYN and accept: nothing to do.
+                    io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::Interrupted => {}
+                    _ => {
+                        tracing::warn!(port, error = %e, "accept failed; retrying");
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(BACKOFF_MIN) => {}
+                        }
+                    }
+                },
+            }
         }
     }
 }

@@ -147,15 +147,13 @@ fn spawn_signal_listener(tx: mpsc::Sender<Signal>) -> std::io::Result<()> {
 /// Raise the soft descriptor limit to the hard one: every session costs two
 /// descriptors, and the default soft limit (1024) is far too low for a node.
 fn raise_nofile_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let old = lim.rlim_cur;
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
-                tracing::debug!(from = old, to = lim.rlim_cur, "raised the descriptor limit");
-            }
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum || (lim.current.is_some() && lim.maximum.is_none()) {
+        let old = lim.current;
+        lim.current = lim.maximum;
+        if setrlimit(Resource::Nofile, lim).is_ok() {
+            tracing::debug!(from = ?old, to = ?lim.current, "raised the descriptor limit");
         }
     }
 }

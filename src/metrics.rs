@@ -17,7 +17,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::routes::Reject;
+use crate::reason::{ConnectErrorKind, Reject};
 
 /// How often queued histogram samples are folded into their buckets, scraped
 /// or not (the exporter's own HTTP server uses the same period).
@@ -63,26 +63,6 @@ const CONNECT_BUCKETS: &[f64] =
 const SESSION_BUCKETS: &[f64] =
     &[0.1, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0];
 
-/// Why a dial to a target failed, as the `kind` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnectErrorKind {
-    Refused,
-    Timeout,
-    Unreachable,
-    Other,
-}
-
-impl ConnectErrorKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConnectErrorKind::Refused => "refused",
-            ConnectErrorKind::Timeout => "timeout",
-            ConnectErrorKind::Unreachable => "unreachable",
-            ConnectErrorKind::Other => "other",
-        }
-    }
-}
-
 /// The process-wide metrics.
 pub struct Metrics {
     recorder: PrometheusRecorder,
@@ -121,7 +101,7 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
-    pub fn rejected(&self, reason: Reject) -> Option<&Counter> {
+    pub(crate) fn rejected(&self, reason: Reject) -> Option<&Counter> {
         match reason {
             Reject::SourceNotAllowed => Some(&self.rejected_source),
             Reject::EndpointNotAllowed => Some(&self.rejected_endpoint),
@@ -130,7 +110,7 @@ impl RouteMetrics {
         }
     }
 
-    pub fn connect_error(&self, kind: ConnectErrorKind) -> &Counter {
+    pub(crate) fn connect_error(&self, kind: ConnectErrorKind) -> &Counter {
         match kind {
             ConnectErrorKind::Refused => &self.connect_refused,
             ConnectErrorKind::Timeout => &self.connect_timeout,
@@ -215,7 +195,7 @@ impl Metrics {
     }
 
     /// Count a rejection that has no route (`proxy_header`, `no_route`).
-    pub fn rejected_unrouted(&self, reason: Reject) {
+    pub(crate) fn rejected_unrouted(&self, reason: Reject) {
         match reason {
             Reject::ProxyHeader => self.rejected_proxy_header.increment(1),
             _ => self.rejected_no_route.increment(1),
@@ -299,8 +279,6 @@ fn describe(rec: &PrometheusRecorder) {
 /// (open descriptors, soft limit) of this process, on Linux.
 fn fd_usage() -> Option<(usize, u64)> {
     let open = std::fs::read_dir("/proc/self/fd").ok()?.count();
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes into the struct we pass and nothing else.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    (rc == 0).then_some((open, lim.rlim_cur))
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    Some((open, limit.current.unwrap_or(u64::MAX)))
 }

@@ -1,50 +1,23 @@
-//! The route table: `(port, via)` lookup and admission.
+//! The route table: `(port, via)` -> route, and per-route runtime state.
 //!
 //! A [`RouteTable`] is immutable once built; a reload builds a new one and
-//! swaps it in (see `reload.rs`), so lookups on the accept path take no lock.
-//! Per-route runtime state ([`RouteState`]: metric handles and the live
+//! swaps it in (see `node/reload.rs`), so lookups on the accept path take no
+//! lock. Per-route runtime state ([`RouteState`]: metric handles and the live
 //! session count behind `max_connections`) survives reloads by route name.
+//!
+//! This module answers "which route?" only. Whether a client may use it is
+//! `session/admission.rs`; it must not log or dial.
 
 use std::collections::HashMap;
-use std::fmt;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::config::{Config, Route};
 use crate::metrics::{Metrics, RouteMetrics};
 
-/// Why a connection was refused, as the `reason` label and log field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Reject {
-    ProxyHeader,
-    NoRoute,
-    SourceNotAllowed,
-    EndpointNotAllowed,
-    Limit,
-}
-
-impl Reject {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reject::ProxyHeader => "proxy_header",
-            Reject::NoRoute => "no_route",
-            Reject::SourceNotAllowed => "source_not_allowed",
-            Reject::EndpointNotAllowed => "endpoint_not_allowed",
-            Reject::Limit => "limit",
-        }
-    }
-}
-
-impl fmt::Display for Reject {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// Runtime state of a route, kept across reloads while its name exists.
-pub struct RouteState {
-    pub metrics: RouteMetrics,
+pub(crate) struct RouteState {
+    pub(crate) metrics: RouteMetrics,
     /// Sessions admitted on this route name and not yet ended.
     active: Arc<AtomicU32>,
 }
@@ -52,7 +25,7 @@ pub struct RouteState {
 impl RouteState {
     /// Take a slot under `max` (0 = unlimited). The slot is released when the
     /// returned guard drops.
-    pub fn try_acquire(self: &Arc<Self>, max: u32) -> Option<RouteSlot> {
+    pub(crate) fn try_acquire(self: &Arc<Self>, max: u32) -> Option<RouteSlot> {
         let mut cur = self.active.load(Ordering::Relaxed);
         loop {
             if max != 0 && cur >= max {
@@ -66,19 +39,15 @@ impl RouteState {
         self.metrics.active.increment(1.0);
         Some(RouteSlot { state: Arc::clone(self) })
     }
-
-    pub fn active(&self) -> u32 {
-        self.active.load(Ordering::Relaxed)
-    }
 }
 
 /// One admitted session's hold on its route's counters.
-pub struct RouteSlot {
+pub(crate) struct RouteSlot {
     state: Arc<RouteState>,
 }
 
 impl RouteSlot {
-    pub fn state(&self) -> &Arc<RouteState> {
+    pub(crate) fn state(&self) -> &Arc<RouteState> {
         &self.state
     }
 }
@@ -92,9 +61,9 @@ impl Drop for RouteSlot {
 
 /// A route together with its runtime state.
 #[derive(Clone)]
-pub struct RouteEntry {
-    pub route: Arc<Route>,
-    pub state: Arc<RouteState>,
+pub(crate) struct RouteEntry {
+    pub(crate) route: Arc<Route>,
+    pub(crate) state: Arc<RouteState>,
 }
 
 #[derive(Default, Clone)]
@@ -107,7 +76,7 @@ struct PortRoutes {
 
 /// Immutable `(port, via)` -> route map.
 #[derive(Default, Clone)]
-pub struct RouteTable {
+pub(crate) struct RouteTable {
     by_port: HashMap<u16, PortRoutes>,
     by_name: HashMap<String, RouteEntry>,
 }
@@ -115,7 +84,7 @@ pub struct RouteTable {
 impl RouteTable {
     /// Build the table for `config`, reusing the runtime state of routes whose
     /// name already exists in `states` (and registering new ones).
-    pub fn build(config: &Config, states: &RouteStates) -> RouteTable {
+    pub(crate) fn build(config: &Config, states: &RouteStates) -> RouteTable {
         let mut table = RouteTable::default();
         for route in &config.routes {
             let entry = RouteEntry { route: Arc::clone(route), state: states.get(route) };
@@ -132,7 +101,7 @@ impl RouteTable {
     /// The route for a connection on `port` that came through `endpoint`:
     /// the route with `via = endpoint` wins, else the port's route without
     /// `via`.
-    pub fn lookup(&self, port: u16, endpoint: Option<&str>) -> Option<&RouteEntry> {
+    pub(crate) fn lookup(&self, port: u16, endpoint: Option<&str>) -> Option<&RouteEntry> {
         let p = self.by_port.get(&port)?;
         if let Some(ep) = endpoint {
             if let Some((_, e)) = p.via.iter().find(|(v, _)| v == ep) {
@@ -142,28 +111,24 @@ impl RouteTable {
         p.default.as_ref()
     }
 
-    pub fn by_name(&self, name: &str) -> Option<&RouteEntry> {
+    pub(crate) fn by_name(&self, name: &str) -> Option<&RouteEntry> {
         self.by_name.get(name)
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.by_name.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
     }
 }
 
 /// Route runtime states by name, kept across reloads.
 #[derive(Default)]
-pub struct RouteStates {
+pub(crate) struct RouteStates {
     inner: Mutex<HashMap<String, Arc<RouteState>>>,
     metrics: Option<Arc<Metrics>>,
 }
 
 impl RouteStates {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
         RouteStates { inner: Mutex::default(), metrics: Some(metrics) }
     }
 
@@ -183,7 +148,7 @@ impl RouteStates {
 
     /// Forget the state of routes that `config` no longer has. Sessions that
     /// still run on them keep their own `Arc`.
-    pub fn retain(&self, config: &Config) {
+    pub(crate) fn retain(&self, config: &Config) {
         let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|name, _| config.routes.iter().any(|r| &r.name == name));
     }
@@ -191,7 +156,7 @@ impl RouteStates {
     /// If a route's tenant label changed, its metric series change too: drop
     /// the old state so that `build` registers the new labels. Its session
     /// count carries over.
-    pub fn refresh_labels(&self, config: &Config) {
+    pub(crate) fn refresh_labels(&self, config: &Config) {
         let Some(metrics) = &self.metrics else { return };
         let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         for route in &config.routes {
@@ -208,54 +173,34 @@ impl RouteStates {
     }
 }
 
-/// Admission of a client on a route, after lookup: source then endpoint.
-/// (Limits are taken separately, as slots.)
-pub fn admit(route: &Route, client: IpAddr, endpoint: Option<&str>) -> Result<(), Reject> {
-    let client = client.to_canonical();
-    if !route.allow.iter().any(|net| net.contains(&client)) {
-        return Err(Reject::SourceNotAllowed);
+/// A route for unit tests, with every other field at its plain value.
+#[cfg(test)]
+pub(crate) fn test_route(
+    name: &str,
+    port: u16,
+    via: Option<&str>,
+    allow: &[&str],
+    endpoints: &[&str],
+) -> Route {
+    Route {
+        name: name.into(),
+        port,
+        via: via.map(Into::into),
+        target: crate::config::Target::Addr("127.0.0.1:22".parse().expect("a socket address")),
+        tenant: name.into(),
+        allow: allow.iter().map(|a| a.parse().expect("a CIDR")).collect(),
+        endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+        max_connections: 0,
+        ssh_user: None,
     }
-    if !route.endpoints.is_empty() {
-        match endpoint {
-            Some(ep) if route.endpoints.iter().any(|e| e == ep) => {}
-            _ => return Err(Reject::EndpointNotAllowed),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Target;
 
     fn route(name: &str, port: u16, via: Option<&str>, allow: &[&str], endpoints: &[&str]) -> Route {
-        Route {
-            name: name.into(),
-            port,
-            via: via.map(Into::into),
-            target: Target::Addr("127.0.0.1:22".parse().unwrap()),
-            tenant: name.into(),
-            allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
-            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
-            max_connections: 0,
-            ssh_user: None,
-        }
-    }
-
-    #[test]
-    fn admit_checks_source_then_endpoint() {
-        let r = route("a", 1, None, &["10.0.0.0/8"], &["vpce-1"]);
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(admit(&r, ip("10.1.2.3"), Some("vpce-1")), Ok(()));
-        assert_eq!(admit(&r, ip("11.1.2.3"), Some("vpce-2")), Err(Reject::SourceNotAllowed));
-        assert_eq!(admit(&r, ip("10.1.2.3"), Some("vpce-2")), Err(Reject::EndpointNotAllowed));
-        assert_eq!(admit(&r, ip("10.1.2.3"), None), Err(Reject::EndpointNotAllowed));
-        // A dual-stack listener shows IPv4 clients as IPv4-mapped IPv6.
-        assert_eq!(admit(&r, ip("::ffff:10.1.2.3"), Some("vpce-1")), Ok(()));
-        let v6 = route("b", 1, None, &["2001:db8::/32"], &[]);
-        assert_eq!(admit(&v6, ip("2001:db8::1"), None), Ok(()));
-        assert_eq!(admit(&v6, ip("10.1.2.3"), None), Err(Reject::SourceNotAllowed));
+        test_route(name, port, via, allow, endpoints)
     }
 
     #[test]

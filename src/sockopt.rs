@@ -2,7 +2,8 @@
 //! and dialer construction.
 //!
 //! A failed option is logged and the connection goes on: a session without
-//! keepalive is worse than one with it, but better than none.
+//! keepalive is worse than one with it, but better than none. This module
+//! sets options and builds listeners; it must not dial or accept.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -16,23 +17,23 @@ use crate::config::Keepalive;
 /// Listen backlog: connection bursts (an NLB health-check sweep, a fleet
 /// reconnecting after a deploy) must not see SYNs dropped. The kernel caps it
 /// at `net.core.somaxconn`.
-pub const LISTEN_BACKLOG: i32 = 4096;
+pub(crate) const LISTEN_BACKLOG: i32 = 4096;
 
 /// Set TCP keepalive, TCP_USER_TIMEOUT and TCP_NODELAY on a session socket. `side` names it in
 /// the warning ("client" or "target").
-pub fn apply_session_opts(stream: &TcpStream, ka: &Keepalive, side: &'static str) {
+pub(crate) fn apply_session_opts(stream: &TcpStream, ka: &Keepalive, side: &'static str) {
     apply_opts(SockRef::from(stream), ka, side);
 }
 
 /// Set the session options on a listening socket: on Linux the sockets it
 /// accepts inherit keepalive and TCP_NODELAY, which spares five `setsockopt`
 /// calls per connection.
-pub fn apply_listener_opts(listener: &TcpListener, ka: &Keepalive) {
+pub(crate) fn apply_listener_opts(listener: &TcpListener, ka: &Keepalive) {
     apply_opts(SockRef::from(listener), ka, "listener");
 }
 
 /// Whether accepted sockets inherit the listener's keepalive and nodelay.
-pub const ACCEPTED_INHERIT_OPTS: bool = cfg!(target_os = "linux");
+pub(crate) const ACCEPTED_INHERIT_OPTS: bool = cfg!(target_os = "linux");
 
 fn apply_opts(sock: SockRef<'_>, ka: &Keepalive, side: &'static str) {
     let params = TcpKeepalive::new().with_time(ka.time).with_interval(ka.interval).with_retries(ka.retries);
@@ -53,13 +54,13 @@ fn apply_opts(sock: SockRef<'_>, ka: &Keepalive, side: &'static str) {
 
 /// Bind a listening socket on `addr:port` with SO_REUSEADDR (restart while old
 /// connections sit in TIME_WAIT) and, for `::`, dual stack.
-pub fn bind_listener(addr: IpAddr, port: u16) -> io::Result<TcpListener> {
+pub(crate) fn bind_listener(addr: IpAddr, port: u16) -> io::Result<TcpListener> {
     bind_listener_with(addr, port, None)
 }
 
 /// [`bind_listener`], with the session options set before `listen`, so even
 /// the first connection accepted inherits them.
-pub fn bind_listener_with(addr: IpAddr, port: u16, ka: Option<&Keepalive>) -> io::Result<TcpListener> {
+pub(crate) fn bind_listener_with(addr: IpAddr, port: u16, ka: Option<&Keepalive>) -> io::Result<TcpListener> {
     let sa = SocketAddr::new(addr, port);
     let socket = Socket::new(Domain::for_address(sa), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -75,31 +76,8 @@ pub fn bind_listener_with(addr: IpAddr, port: u16, ka: Option<&Keepalive>) -> io
     TcpListener::from_std(socket.into())
 }
 
-/// Dial `addr` within `timeout`.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, DialError> {
-    let socket =
-        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
-            .map_err(DialError::Io)?;
-    match tokio::time::timeout(timeout, socket.connect(addr)).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(DialError::Io(e)),
-        Err(_) => Err(DialError::Timeout),
-    }
-}
-
-/// A failed dial.
-#[derive(Debug, thiserror::Error)]
-pub enum DialError {
-    #[error("connect timed out")]
-    Timeout,
-    #[error("name lookup failed: {0}")]
-    Resolve(String),
-    #[error("{0}")]
-    Io(io::Error),
-}
-
 /// Reset a connection on close (SO_LINGER 0), to pass a reset on.
-pub fn set_reset_on_close(stream: &TcpStream) {
+pub(crate) fn set_reset_on_close(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
@@ -111,7 +89,7 @@ mod tests {
     async fn keepalive_and_nodelay_are_set_on_both_sides() {
         let listener = bind_listener("127.0.0.1".parse().unwrap(), 0).unwrap();
         let addr = listener.local_addr().unwrap();
-        let dial = tokio::spawn(async move { connect(addr, Duration::from_secs(1)).await });
+        let dial = tokio::spawn(TcpStream::connect(addr));
         let (server, _) = listener.accept().await.unwrap();
         let client = dial.await.unwrap().unwrap();
         let ka = Keepalive {
@@ -145,7 +123,7 @@ mod tests {
         };
         let listener = bind_listener_with("127.0.0.1".parse().unwrap(), 0, Some(&ka)).unwrap();
         let addr = listener.local_addr().unwrap();
-        let dial = tokio::spawn(async move { connect(addr, Duration::from_secs(1)).await });
+        let dial = tokio::spawn(TcpStream::connect(addr));
         let (server, _) = listener.accept().await.unwrap();
         dial.await.unwrap().unwrap();
         let r = SockRef::from(&server);
@@ -160,13 +138,14 @@ mod tests {
     #[tokio::test]
     async fn dual_stack_listener_accepts_ipv4() {
         let Ok(listener) = bind_listener("::".parse().unwrap(), 0) else {
+            // Under CI this test must run: a skip would assert nothing.
+            let ci = matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"));
+            assert!(!ci, "IPv6 is not available on this host, and CI=true needs this test to run");
             eprintln!("skipped: IPv6 is not available on this host");
             return;
         };
         let port = listener.local_addr().unwrap().port();
-        let dial = tokio::spawn(async move {
-            connect(SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(1)).await
-        });
+        let dial = tokio::spawn(TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))));
         let (_s, peer) = listener.accept().await.unwrap();
         dial.await.unwrap().unwrap();
         assert_eq!(peer.ip().to_canonical(), "127.0.0.1".parse::<IpAddr>().unwrap());

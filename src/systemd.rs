@@ -2,14 +2,14 @@
 //!
 //! Every call is a no-op when `NOTIFY_SOCKET` is not set, so portgate runs
 //! the same under systemd, in a terminal and in tests.
+//!
+//! This module speaks the notify protocol only; what the status says and
+//! when to send it is the node's business.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
-
-use crate::server::Shared;
 
 /// How often `STATUS=` is refreshed when no watchdog is configured.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
@@ -24,19 +24,19 @@ fn send(states: &[NotifyState<'_>]) {
 }
 
 /// `READY=1` with a status line: after startup and after every reload.
-pub fn notify_ready(status: &str) {
+pub(crate) fn notify_ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 /// `RELOADING=1` with `MONOTONIC_USEC`, as `Type=notify-reload` expects.
-pub fn notify_reloading() {
+pub(crate) fn notify_reloading() {
     match NotifyState::monotonic_usec_now() {
         Ok(now) => send(&[NotifyState::Reloading, now]),
         Err(_) => send(&[NotifyState::Reloading]),
     }
 }
 
-pub fn notify_stopping() {
+pub(crate) fn notify_stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("shutting down")]);
 }
 
@@ -53,7 +53,7 @@ fn watchdog_usec() -> Option<u64> {
 /// Ping the watchdog at half of `WATCHDOG_USEC`, and refresh `STATUS=`.
 /// The pings come from a task on the runtime, so a stalled runtime stops
 /// them and systemd restarts the node.
-pub fn spawn_watchdog(shared: Arc<Shared>, stop: CancellationToken) {
+pub(crate) fn spawn_watchdog(status: impl Fn() -> String + Send + 'static, stop: CancellationToken) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
@@ -71,7 +71,7 @@ pub fn spawn_watchdog(shared: Arc<Shared>, stop: CancellationToken) {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let status = shared.status_line();
+            let status = status();
             if watchdog {
                 send(&[NotifyState::Watchdog, NotifyState::Status(&status)]);
             } else {

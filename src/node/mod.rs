@@ -1,0 +1,127 @@
+//! The running node: startup, and the event loop over signals.
+//!
+//! [`run`] takes a validated [`Config`] and a stream of [`Signal`]s; the
+//! caller decides where signals come from (`main.rs` wires SIGHUP, SIGTERM
+//! and SIGINT; tests can send their own). Startup binds every listener and
+//! the admin port before telling systemd it is ready; any bind failure ends
+//! startup with an error and nothing left listening.
+//!
+//! The node's steps live in files of their own and are methods of [`Node`]:
+//! `reload.rs` (SIGHUP) and `shutdown.rs` (SIGTERM). Neither calls the other,
+//! and neither is called from below: listeners and sessions learn of a new
+//! config or of the end of the drain through [`state::NodeState`] only.
+
+mod reload;
+mod shutdown;
+pub(crate) mod state;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::AdminServer;
+use crate::config::Config;
+use crate::listener::{BindError, ListenerSet};
+use crate::logging::LogControl;
+use crate::metrics::Metrics;
+use crate::node::state::NodeState;
+use crate::systemd;
+
+/// What the outside world asks of a running node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGHUP: re-read the config file.
+    Reload,
+    /// SIGTERM / SIGINT: drain and exit; a second one ends at once.
+    Terminate,
+}
+
+/// A failure that stops the node from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("cannot listen on admin address {addr}: {source}")]
+    Admin { addr: std::net::SocketAddr, source: std::io::Error },
+}
+
+/// The node while it runs: what its steps (reload, shutdown) work on.
+struct Node {
+    /// Shared with every listener, session and the admin server.
+    state: Arc<NodeState>,
+    /// The bound ports, reconciled by reload and closed by shutdown.
+    listeners: ListenerSet,
+    /// `None` when `[admin] listen = "off"`.
+    admin: Option<AdminServer>,
+    /// The file a reload re-reads (the one the node was started with).
+    config_path: PathBuf,
+    /// Lets a reload change the log level.
+    log: LogControl,
+}
+
+impl Node {
+    /// Bind every listener and the admin port; start accepting.
+    async fn start(config: Config, log: LogControl) -> Result<Node, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let config_path = config.source.clone();
+        let addr = config.listen.address;
+        let ports = config.listen_ports();
+        let admin_addr = config.admin.listen;
+        let keepalive = config.keepalive.clone();
+        let state = NodeState::new(config, metrics);
+
+        let mut listeners = ListenerSet::default();
+        let bound = listeners.bind_new(addr, &ports, &keepalive)?;
+        let admin = match admin_addr {
+            Some(a) => Some(
+                AdminServer::bind(a, Arc::clone(&state))
+                    .map_err(|source| StartError::Admin { addr: a, source })?,
+            ),
+            None => None,
+        };
+        listeners.commit(bound, &ports, &keepalive, &state).await;
+        state.set_ready(true);
+        let snap = state.snapshot();
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            address = %addr,
+            listeners = ports.len(),
+            routes = snap.table.len(),
+            admin = %admin_addr.map_or("off".to_string(), |a| a.to_string()),
+            hash = %snap.hash,
+            "portgate ready"
+        );
+        Ok(Node { state, listeners, admin, config_path, log })
+    }
+}
+
+/// Serve `config` until a [`Signal::Terminate`] (or the end of `signals`),
+/// then drain and return.
+pub async fn run(
+    config: Config,
+    log: LogControl,
+    mut signals: mpsc::Receiver<Signal>,
+) -> Result<(), StartError> {
+    let mut node = Node::start(config, log).await?;
+    let state = Arc::clone(&node.state);
+    systemd::notify_ready(&state.status_line());
+    let background = CancellationToken::new();
+    let status = Arc::clone(&state);
+    systemd::spawn_watchdog(move || status.status_line(), background.clone());
+    crate::metrics::spawn_upkeep(Arc::clone(&state.metrics), background.clone());
+
+    while let Some(sig) = signals.recv().await {
+        match sig {
+            Signal::Reload => node.reload().await,
+            Signal::Terminate => break,
+        }
+    }
+    node.shutdown(&mut signals).await;
+    background.cancel();
+    if let Some(admin) = node.admin.take() {
+        admin.close().await;
+    }
+    Ok(())
+}

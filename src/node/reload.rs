@@ -1,0 +1,178 @@
+//! SIGHUP: re-read the config, and swap it in only if all of it is good.
+//!
+//! The file is loaded and validated off the async workers. An invalid file
+//! changes nothing. A valid one is applied in an order that never refuses a
+//! connection: bind the new ports (all or nothing), publish the new route
+//! snapshot, then close the ports that were dropped. Running sessions receive
+//! the snapshot through [`NodeState`](crate::node::state::NodeState) and
+//! re-check themselves (see `session/mod.rs`); there is no restart branch.
+//!
+//! A step of the node: it must not call shutdown, nor be called from below.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::Node;
+use crate::admin::AdminServer;
+use crate::config::{self, Config, Route};
+use crate::node::state::Snapshot;
+use crate::systemd;
+
+/// Why a valid config could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApplyError {
+    #[error(
+        "listen.address changed from {old} to {new}; this needs a restart (the old config keeps serving)"
+    )]
+    AddressChanged { old: std::net::IpAddr, new: std::net::IpAddr },
+    #[error(transparent)]
+    Bind(#[from] crate::listener::BindError),
+    #[error("cannot listen on admin address {addr}: {source}")]
+    Admin { addr: std::net::SocketAddr, source: std::io::Error },
+}
+
+/// What a reload changes in the route set, by route name.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct RouteDiff {
+    added: Vec<String>,
+    removed: Vec<String>,
+    /// Same name, different settings.
+    changed: Vec<String>,
+}
+
+/// Compare two route sets by name (the identity of a route across reloads).
+fn diff_routes(old: &[Arc<Route>], new: &[Arc<Route>]) -> RouteDiff {
+    let old: BTreeMap<&str, &Route> = old.iter().map(|r| (r.name.as_str(), r.as_ref())).collect();
+    let new: BTreeMap<&str, &Route> = new.iter().map(|r| (r.name.as_str(), r.as_ref())).collect();
+    let mut d = RouteDiff::default();
+    for (name, r) in &new {
+        match old.get(name) {
+            None => d.added.push((*name).to_owned()),
+            Some(o) if o != r => d.changed.push((*name).to_owned()),
+            Some(_) => {}
+        }
+    }
+    d.removed = old.keys().filter(|n| !new.contains_key(*n)).map(|n| (*n).to_owned()).collect();
+    d
+}
+
+impl Node {
+    /// Handle one SIGHUP.
+    pub(super) async fn reload(&mut self) {
+        systemd::notify_reloading();
+        let path = self.config_path.clone();
+        let loaded = tokio::task::spawn_blocking(move || config::load(&path)).await;
+        let metrics = Arc::clone(&self.state.metrics);
+        let result = match loaded {
+            Ok(Ok(new)) => self.apply(new).await.map_err(|e| e.to_string()),
+            Ok(Err(e)) => Err(e.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")),
+            Err(e) => Err(format!("config loader failed: {e}")),
+        };
+        match result {
+            Ok(()) => {
+                metrics.reloads_success.increment(1);
+                metrics.last_reload_success.set(1.0);
+            }
+            Err(reason) => {
+                metrics.reloads_failure.increment(1);
+                metrics.last_reload_success.set(0.0);
+                tracing::error!(
+                    config = %self.config_path.display(),
+                    reason = %reason,
+                    "config reload failed; still serving the previous config"
+                );
+            }
+        }
+        systemd::notify_ready(&self.state.status_line());
+    }
+
+    /// Apply a validated config: all or nothing.
+    async fn apply(&mut self, new: Config) -> Result<(), ApplyError> {
+        let state = Arc::clone(&self.state);
+        let old = state.snapshot();
+        if new.listen.address != old.config.listen.address {
+            return Err(ApplyError::AddressChanged {
+                old: old.config.listen.address,
+                new: new.listen.address,
+            });
+        }
+        let ports = new.listen_ports();
+        let bound = self.listeners.bind_new(new.listen.address, &ports, &new.keepalive)?;
+        let new_admin = if new.admin.listen != old.config.admin.listen {
+            match new.admin.listen {
+                Some(a) => Some(Some(
+                    AdminServer::bind(a, Arc::clone(&state))
+                        .map_err(|source| ApplyError::Admin { addr: a, source })?,
+                )),
+                None => Some(None),
+            }
+        } else {
+            None
+        };
+
+        // Nothing can fail from here on.
+        let diff = diff_routes(&old.config.routes, &new.routes);
+        if new.log.format != old.config.log.format {
+            tracing::warn!("log.format changes take effect at the next restart");
+        }
+        self.log.set_level(&new.log.level);
+        state.states.refresh_labels(&new);
+        let keepalive = new.keepalive.clone();
+        let snap = Arc::new(Snapshot::new(new, &state.states));
+        state.publish(Arc::clone(&snap));
+        self.listeners.commit(bound, &ports, &keepalive, &state).await;
+        state.states.retain(&snap.config);
+        if let Some(admin) = new_admin {
+            if let Some(old_admin) = std::mem::replace(&mut self.admin, admin) {
+                tokio::spawn(old_admin.close());
+            }
+        }
+        tracing::info!(
+            routes = snap.table.len(),
+            listeners = self.listeners.len(),
+            added = %diff.added.join(","),
+            removed = %diff.removed.join(","),
+            changed = %diff.changed.join(","),
+            hash = %snap.hash,
+            "config reloaded"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Target;
+
+    fn r(name: &str, port: u16, target: &str) -> Arc<Route> {
+        let mut route = crate::routes::test_route(name, port, None, &["0.0.0.0/0"], &[]);
+        route.target = Target::Addr(target.parse().unwrap());
+        Arc::new(route)
+    }
+
+    #[test]
+    fn diff_table() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        type Case = (Vec<Arc<Route>>, Vec<Arc<Route>>, RouteDiff);
+        let cases: Vec<Case> = vec![
+            (vec![], vec![], RouteDiff::default()),
+            (vec![], vec![r("a", 1, "127.0.0.1:1")], RouteDiff { added: s(&["a"]), ..Default::default() }),
+            (vec![r("a", 1, "127.0.0.1:1")], vec![], RouteDiff { removed: s(&["a"]), ..Default::default() }),
+            (
+                vec![r("a", 1, "127.0.0.1:1"), r("b", 2, "127.0.0.1:2")],
+                vec![r("a", 1, "127.0.0.1:9"), r("b", 2, "127.0.0.1:2"), r("c", 3, "127.0.0.1:3")],
+                RouteDiff { added: s(&["c"]), changed: s(&["a"]), ..Default::default() },
+            ),
+            (
+                // A rename is a removal plus an addition.
+                vec![r("a", 1, "127.0.0.1:1")],
+                vec![r("z", 1, "127.0.0.1:1")],
+                RouteDiff { added: s(&["z"]), removed: s(&["a"]), ..Default::default() },
+            ),
+        ];
+        for (old, new, want) in cases {
+            assert_eq!(diff_routes(&old, &new), want);
+        }
+    }
+}

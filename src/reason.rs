@@ -1,0 +1,79 @@
+//! The label vocabulary: why a connection was refused, why a session ended,
+//! why a dial failed. These strings are contract (SPEC.md: metric labels and
+//! log fields); they are spelled in this one file and nowhere else.
+//!
+//! This module owns names only. It must not count, log or decide anything.
+
+use std::fmt;
+
+/// Why a connection was refused, as the `reason` label and log field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Reject {
+    ProxyHeader,
+    NoRoute,
+    SourceNotAllowed,
+    EndpointNotAllowed,
+    Limit,
+}
+
+impl Reject {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Reject::ProxyHeader => "proxy_header",
+            Reject::NoRoute => "no_route",
+            Reject::SourceNotAllowed => "source_not_allowed",
+            Reject::EndpointNotAllowed => "endpoint_not_allowed",
+            Reject::Limit => "limit",
+        }
+    }
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a session ended, as the `close` log field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseReason {
+    ClientClosed,
+    TargetClosed,
+    IdleTimeout,
+    Revoked,
+    Shutdown,
+    Error,
+}
+
+impl CloseReason {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::TargetClosed => "target_closed",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::Revoked => "revoked",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Error => "error",
+        }
+    }
+}
+
+/// Why a dial to a target failed, as the `kind` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnectErrorKind {
+    Refused,
+    Timeout,
+    Unreachable,
+    Other,
+}
+
+impl ConnectErrorKind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ConnectErrorKind::Refused => "refused",
+            ConnectErrorKind::Timeout => "timeout",
+            ConnectErrorKind::Unreachable => "unreachable",
+            ConnectErrorKind::Other => "other",
+        }
+    }
+}
