@@ -7,12 +7,14 @@
 //!    for every value that validation may reject) and reads `include` files.
 //! 2. [`validate`] turns the raw tree into a [`Config`], collecting *every*
 //!    problem with its `FILE:LINE:COL` (or the routes involved) instead of
-//!    stopping at the first.
+//!    stopping at the first. A key left out takes its value from
+//!    [`defaults`], the one place defaults are written.
 //!
 //! This module owns the validated types and the canonical hash. It must not
 //! bind sockets or touch global state: `check`, `routes`, `ssh-config` and a
 //! SIGHUP reload all call [`load`] off to the side.
 
+pub mod defaults;
 pub mod raw;
 pub mod render;
 pub mod validate;
@@ -339,37 +341,4 @@ impl fmt::Display for ConfigError {
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let tree = raw::read_tree(path)?;
     validate::validate(path, &tree)
-}
-
-impl Config {
-    /// A config with every default and no routes (for tests and benches;
-    /// a config without routes is valid, it just refuses everything).
-    pub fn with_defaults(source: PathBuf) -> Config {
-        Config {
-            source,
-            listen: Listen { address: IpAddr::from([0, 0, 0, 0]), ports: None },
-            proxy_protocol: ProxyProtocol {
-                mode: ProxyMode::Off,
-                trusted: Vec::new(),
-                header_timeout: Duration::from_secs(5),
-            },
-            keepalive: Keepalive {
-                time: Duration::from_secs(60),
-                interval: Duration::from_secs(15),
-                retries: 4,
-                idle_timeout_limit: Duration::from_secs(350),
-            },
-            timeouts: Timeouts {
-                connect: Duration::from_secs(5),
-                idle: None,
-                shutdown_delay: Duration::ZERO,
-                drain: Duration::from_secs(30),
-                revoke_grace: Duration::from_secs(30),
-            },
-            admin: Admin { listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))) },
-            log: Log { format: LogFormat::Text, level: "info".into() },
-            access: Access { allow: None, endpoints: Vec::new(), max_connections: 0, max_per_source: 0 },
-            routes: Vec::new(),
-        }
-    }
 }

@@ -14,24 +14,18 @@ use std::time::Duration;
 use ipnet::IpNet;
 use toml::Spanned;
 
+use super::defaults::{
+    DEFAULT_ADDRESS, DEFAULT_ADMIN_LISTEN, DEFAULT_CONNECT, DEFAULT_DRAIN, DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE, DEFAULT_IDLE_TIMEOUT_LIMIT, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_RETRIES,
+    DEFAULT_KEEPALIVE_TIME, DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_PER_SOURCE, DEFAULT_PROXY_MODE, DEFAULT_REVOKE_GRACE, DEFAULT_SHUTDOWN_DELAY,
+};
 use super::raw::{PortsValue, RawRoute, SpannedList, Tree};
 use super::{
     Access, Admin, Config, ConfigError, Keepalive, Listen, Log, LogFormat, PortRange, Problem, ProxyMode,
     ProxyProtocol, Route, Target, Timeouts,
 };
 
-/// Defaults, as SPEC.md gives them.
-const DEFAULT_ADDRESS: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
-const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-const DEFAULT_KEEPALIVE_TIME: Duration = Duration::from_secs(60);
-const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
-const DEFAULT_KEEPALIVE_RETRIES: u32 = 4;
-/// The NLB's default TCP idle timeout.
-const DEFAULT_IDLE_TIMEOUT_LIMIT: Duration = Duration::from_secs(350);
-const DEFAULT_CONNECT: Duration = Duration::from_secs(5);
-const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
-const DEFAULT_REVOKE_GRACE: Duration = Duration::from_secs(30);
-const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
 /// Linux caps TCP_KEEPCNT at 127.
 const MAX_KEEPALIVE_RETRIES: i64 = 127;
 /// Route names appear in metric labels and ssh aliases: keep them short.
@@ -279,7 +273,7 @@ pub fn validate(path: &Path, tree: &Tree) -> Result<Config, ConfigError> {
     // [proxy_protocol]
     let pp = &raw.proxy_protocol;
     let mode = match &pp.mode {
-        None => ProxyMode::Off,
+        None => DEFAULT_PROXY_MODE,
         Some(s) => match s.get_ref().as_str() {
             "off" => ProxyMode::Off,
             "required" => ProxyMode::Required,
@@ -289,7 +283,7 @@ pub fn validate(path: &Path, tree: &Tree) -> Result<Config, ConfigError> {
                     s.span(),
                     format!("proxy_protocol.mode {other:?}: expected \"off\" or \"required\""),
                 );
-                ProxyMode::Off
+                DEFAULT_PROXY_MODE
             }
         },
     };
@@ -341,16 +335,17 @@ pub fn validate(path: &Path, tree: &Tree) -> Result<Config, ConfigError> {
     let connect = cx.positive("timeouts.connect", &t.connect, DEFAULT_CONNECT);
     let idle = match &t.idle {
         Some(s) if s.get_ref().trim() == "off" => None,
-        None => None,
+        None => DEFAULT_IDLE,
+        // A zero (refused by `positive`) falls back to off.
         v => Some(cx.positive("timeouts.idle", v, Duration::ZERO)).filter(|d| !d.is_zero()),
     };
-    let shutdown_delay = cx.duration(0, "timeouts.shutdown_delay", &t.shutdown_delay, Duration::ZERO);
+    let shutdown_delay = cx.duration(0, "timeouts.shutdown_delay", &t.shutdown_delay, DEFAULT_SHUTDOWN_DELAY);
     let drain = cx.duration(0, "timeouts.drain", &t.drain, DEFAULT_DRAIN);
     let revoke_grace = cx.duration(0, "timeouts.revoke_grace", &t.revoke_grace, DEFAULT_REVOKE_GRACE);
 
     // [admin]
     let admin = match &raw.admin.listen {
-        None => DEFAULT_ADMIN.parse().ok(),
+        None => Some(DEFAULT_ADMIN_LISTEN),
         Some(s) if s.get_ref().trim() == "off" => None,
         Some(s) => match s.get_ref().trim().parse::<SocketAddr>() {
             Ok(a) => Some(a),
@@ -370,21 +365,21 @@ pub fn validate(path: &Path, tree: &Tree) -> Result<Config, ConfigError> {
 
     // [log]
     let format = match &raw.log.format {
-        None => LogFormat::Text,
+        None => DEFAULT_LOG_FORMAT,
         Some(s) => match s.get_ref().as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
                 cx.err(0, s.span(), format!("log.format {other:?}: expected \"text\" or \"json\""));
-                LogFormat::Text
+                DEFAULT_LOG_FORMAT
             }
         },
     };
     let level = match &raw.log.level {
-        None => "info".to_owned(),
+        None => DEFAULT_LOG_LEVEL.to_owned(),
         Some(s) if s.get_ref().trim().is_empty() => {
             cx.err(0, s.span(), "log.level is empty; use error, warn, info, debug or trace");
-            "info".to_owned()
+            DEFAULT_LOG_LEVEL.to_owned()
         }
         Some(s) => s.get_ref().trim().to_owned(),
     };
@@ -403,10 +398,12 @@ pub fn validate(path: &Path, tree: &Tree) -> Result<Config, ConfigError> {
         let span = acc.endpoints.as_ref().map(|l| l.span()).unwrap_or(0..0);
         cx.err(0, span, "access.endpoints needs proxy_protocol.mode = \"required\": the endpoint id comes from the PROXY v2 header");
     }
-    let access_max =
-        cx.count(0, "access.max_connections", &acc.max_connections, u32::MAX as i64).unwrap_or(0);
-    let max_per_source =
-        cx.count(0, "access.max_per_source", &acc.max_per_source, u32::MAX as i64).unwrap_or(0);
+    let access_max = cx
+        .count(0, "access.max_connections", &acc.max_connections, u32::MAX as i64)
+        .unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    let max_per_source = cx
+        .count(0, "access.max_per_source", &acc.max_per_source, u32::MAX as i64)
+        .unwrap_or(DEFAULT_MAX_PER_SOURCE);
 
     // [[route]]
     let mut routes: Vec<Arc<Route>> = Vec::new();
