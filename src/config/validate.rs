@@ -751,4 +751,68 @@ mod tests {
         let p = problems(&format!("{MINIMAL}[admin]\nlisten = \"0.0.0.0:8022\"\n"));
         assert!(p[0].contains("uses port 8022"), "{p:?}");
     }
+
+    /// One bad value in every section, in file order: the problems come out
+    /// in section order, per-route problems before the problems between
+    /// routes, and the admin port clash (which needs the routes) last.
+    #[test]
+    fn problems_come_in_section_order() {
+        let p = problems(
+            "[listen]\naddress = \"nope\"\nports = \"9-1\"\n\
+             [proxy_protocol]\nmode = \"sometimes\"\ntrusted = [\"10.0.0.1/8\"]\nheader_timeout = \"0s\"\n\
+             [keepalive]\ntime = \"400s\"\ninterval = \"1500ms\"\nretries = 0\nidle_timeout_limit = \"x\"\n\
+             [timeouts]\nconnect = \"0s\"\nidle = \"0s\"\nshutdown_delay = \"x\"\ndrain = \"2y\"\nrevoke_grace = \"y\"\n\
+             [admin]\nlisten = \"0.0.0.0:8022\"\n\
+             [log]\nformat = \"xml\"\nlevel = \" \"\n\
+             [access]\nallow = []\nendpoints = [\"vpce-1\", \"x\"]\nmax_connections = -1\nmax_per_source = 5000000000\n\
+             [[route]]\nport = 0\n\
+             [[route]]\nname = \"bad name\"\nport = 70000\ntarget = \"x\"\nvia = \"nope\"\nallow = []\nendpoints = [\"vpce-2\"]\n\
+             max_connections = -2\ntenant = \" \"\nssh_user = \"a b\"\n\
+             [[route]]\nname = \"a\"\nport = 8022\ntarget = \"10.0.0.1:22\"\nallow = [\"10.0.0.0/8\"]\n\
+             [[route]]\nname = \"a\"\nport = 8023\ntarget = \"10.0.0.1:22\"\nallow = [\"10.0.0.0/8\"]\n\
+             [[route]]\nname = \"b\"\nport = 8022\ntarget = \"10.0.0.1:22\"\nallow = [\"10.0.0.0/8\"]\n",
+        );
+        // Locations without the temporary directory.
+        let p: Vec<&str> = p.iter().map(|l| l.find("p.toml:").map_or(l.as_str(), |i| &l[i..])).collect();
+        let expected = [
+            "p.toml:2:11: listen.address \"nope\" is not an IP address; use \"0.0.0.0\", \"::\" or an address of this host",
+            "p.toml:3:9: listen.ports: range 9-1 runs backwards; write it low-high; expected a range like \"8000-8049\"",
+            "p.toml:5:8: proxy_protocol.mode \"sometimes\": expected \"off\" or \"required\"",
+            "p.toml:6:12: proxy_protocol.trusted: \"10.0.0.1/8\" has host bits set; did you mean \"10.0.0.0/8\"? (write a single address as 10.0.0.1/32)",
+            "p.toml:7:18: proxy_protocol.header_timeout must be greater than 0",
+            "p.toml:10:12: keepalive.interval = \"1500ms\": TCP keepalive works in whole seconds; use a value like \"15s\"",
+            "p.toml:11:11: keepalive.retries = 0: expected 1 to 127",
+            "p.toml:12:22: keepalive.idle_timeout_limit: invalid duration \"x\": expected a number with a unit, like \"500ms\", \"60s\" or \"5m\"",
+            "p.toml:9:8: keepalive.time (400s) must be below keepalive.idle_timeout_limit (350s), or the NLB drops idle sessions before the first keepalive probe",
+            "p.toml:14:11: timeouts.connect must be greater than 0",
+            "p.toml:15:8: timeouts.idle must be greater than 0",
+            "p.toml:16:18: timeouts.shutdown_delay: invalid duration \"x\": expected a number with a unit, like \"500ms\", \"60s\" or \"5m\"",
+            "p.toml:17:9: timeouts.drain = \"2y\" is longer than a year; use a shorter duration",
+            "p.toml:18:16: timeouts.revoke_grace: invalid duration \"y\": expected a number with a unit, like \"500ms\", \"60s\" or \"5m\"",
+            "p.toml:22:10: log.format \"xml\": expected \"text\" or \"json\"",
+            "p.toml:23:9: log.level is empty; use error, warn, info, debug or trace",
+            "p.toml:25:9: access.allow = [] would admit no one; list source CIDRs, or remove the key so routes must set their own",
+            "p.toml:26:24: access.endpoints: \"x\" is not a VPC endpoint id like \"vpce-0a1b2c3d4e5f67890\"",
+            "p.toml:26:13: access.endpoints needs proxy_protocol.mode = \"required\": the endpoint id comes from the PROXY v2 header",
+            "p.toml:27:19: access.max_connections = -1: expected a whole number from 0 to 4294967295",
+            "p.toml:28:18: access.max_per_source = 5000000000: expected a whole number from 0 to 4294967295",
+            "p.toml:29:1: route has no name; add name = \"...\" ([A-Za-z0-9_.-], unique)",
+            "p.toml:30:8: route: port 0 is not from 1 to 65535",
+            "p.toml:29:1: route has no target; add target = \"IP:port\"",
+            "p.toml:32:8: route name \"bad name\": use 1 to 64 of A-Z a-z 0-9 _ . -",
+            "p.toml:33:8: route \"bad name\": port 70000 is not from 1 to 65535",
+            "p.toml:34:10: target \"x\" has no port; expected IPv4:port, [IPv6]:port or host:port, like \"172.31.31.84:22\"",
+            "p.toml:35:7: route \"bad name\": via needs proxy_protocol.mode = \"required\": the endpoint id comes from the PROXY v2 header",
+            "p.toml:35:7: route \"bad name\": via \"nope\" is not a VPC endpoint id like \"vpce-0a1b2c3d4e5f67890\"",
+            "p.toml:36:9: route \"bad name\": allow = [] would admit no one; remove the route instead",
+            "p.toml:37:13: route \"bad name\": endpoints needs proxy_protocol.mode = \"required\": the endpoint id comes from the PROXY v2 header",
+            "p.toml:38:19: max_connections = -2: expected a whole number from 0 to 4294967295",
+            "p.toml:39:10: route \"bad name\": tenant is empty; remove it to default to the route name",
+            "p.toml:40:12: route \"bad name\": ssh_user \"a b\" must be a non-empty user name without spaces or quotes",
+            "route \"a\" (port 8022) and route \"a\" (port 8023): duplicate name \"a\"; route names must be unique",
+            "route \"a\" (port 8022) and route \"b\" (port 8022): both route port 8022 (no via); at most one route per (port, via)",
+            "p.toml:20:10: admin.listen 0.0.0.0:8022 uses port 8022 that portgate also listens on for routes; set [admin] listen to a port outside them",
+        ];
+        assert_eq!(p, expected, "{}", p.join("\n"));
+    }
 }
