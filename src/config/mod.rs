@@ -7,12 +7,16 @@
 //!    for every value that validation may reject) and reads `include` files.
 //! 2. [`validate`] turns the raw tree into a [`Config`], collecting *every*
 //!    problem with its `FILE:LINE:COL` (or the routes involved) instead of
-//!    stopping at the first.
+//!    stopping at the first. A key left out takes its value from
+//!    [`defaults`], the one place defaults are written.
+//!
+//! [`render`] writes a [`Config`] back out as the TOML that loads to it.
 //!
 //! This module owns the validated types and the canonical hash. It must not
 //! bind sockets or touch global state: `check`, `routes`, `ssh-config` and a
 //! SIGHUP reload all call [`load`] off to the side.
 
+pub mod defaults;
 pub mod raw;
 pub mod render;
 pub mod validate;
@@ -32,16 +36,28 @@ pub const DEFAULT_PATH: &str = "/etc/portgate/portgate.toml";
 /// The whole validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// The main file this config was loaded from (not part of the hash).
+    /// The main file this config was loaded from: a SIGHUP reload reads it
+    /// again, and output names it. Not part of the hash, so the same config
+    /// at another path is the same config.
     pub source: PathBuf,
+    /// Which ports are bound, on which address.
     pub listen: Listen,
+    /// Whether connections must start with a PROXY header, and from whom.
     pub proxy_protocol: ProxyProtocol,
+    /// Keeps idle sessions alive through the NLB and finds dead peers.
     pub keepalive: Keepalive,
+    /// Bounds on dialing, idleness, shutdown and revocation after a reload.
     pub timeouts: Timeouts,
+    /// Where the metrics and health endpoints listen.
     pub admin: Admin,
+    /// How log lines look and how many there are.
     pub log: Log,
+    /// The `[access]` section as written. Routes already carry the values
+    /// they inherit from it; only `max_per_source` is read from here.
     pub access: Access,
     /// Every route, sorted by `(port, via)`; the routing key is unique.
+    /// `Arc` so the route table and the sessions of a route share one copy
+    /// that outlives a reload.
     pub routes: Vec<Arc<Route>>,
 }
 
@@ -50,27 +66,36 @@ pub struct Config {
 pub struct Listen {
     /// Listening address for every port; `::` binds dual stack.
     pub address: IpAddr,
-    /// The NLB listener range, inclusive. When set, every port in it is bound.
+    /// The NLB listener range, inclusive. When set, every port in it is
+    /// bound, so a route added or removed inside it is a map change only and
+    /// a health check on any port of the range succeeds; routes must lie
+    /// inside it. `None`: exactly the ports that routes name are bound.
     pub ports: Option<PortRange>,
 }
 
 /// An inclusive port range such as `8000-8049` (a single port is `8022`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct PortRange {
+    /// The lowest port of the range, included.
     pub first: u16,
+    /// The highest port of the range, included; never below `first`.
     pub last: u16,
 }
 
 impl PortRange {
+    /// Whether `port` lies in the range, ends included.
     pub fn contains(&self, port: u16) -> bool {
         (self.first..=self.last).contains(&port)
     }
+    /// Every port of the range, lowest first.
     pub fn iter(&self) -> impl Iterator<Item = u16> {
         self.first..=self.last
     }
+    /// How many ports the range holds (at least one).
     pub fn len(&self) -> usize {
         usize::from(self.last - self.first) + 1
     }
+    /// Never: a range holds at least one port.
     pub fn is_empty(&self) -> bool {
         false
     }
@@ -86,36 +111,52 @@ impl fmt::Display for PortRange {
     }
 }
 
-/// `[proxy_protocol]`.
+/// `[proxy_protocol]`: behind an NLB the socket peer is the NLB; the PROXY
+/// header carries the real client address and the VPC endpoint id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ProxyProtocol {
+    /// Whether every connection must begin with a PROXY header.
     pub mode: ProxyMode,
-    /// Socket peers allowed to send a PROXY header (the NLB's subnets).
+    /// Socket peers allowed to send a PROXY header (the NLB's subnets), so
+    /// no one else can claim a client address or an endpoint; a connection
+    /// from any other peer is refused in `required` mode.
     pub trusted: Vec<IpNet>,
-    /// A peer that has not sent a complete header by then is dropped.
+    /// A peer that has not sent a complete header by then is dropped, so a
+    /// silent peer cannot hold a connection. Also bounds the wait that tells
+    /// a health-check probe from a refused client.
     #[serde(serialize_with = "ser_duration")]
     pub header_timeout: Duration,
 }
 
+/// `proxy_protocol.mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyMode {
+    /// No header is read: the socket peer is the client, and there is no
+    /// endpoint id (so no route may use `via` or `endpoints`).
     Off,
+    /// Every connection must begin with a PROXY v1 or v2 header from a
+    /// `trusted` peer, or it is refused.
     Required,
 }
 
 /// `[keepalive]`: TCP keepalive on both sockets of every session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Keepalive {
-    /// TCP_KEEPIDLE.
+    /// TCP_KEEPIDLE: idle time before the first probe; below
+    /// `idle_timeout_limit` so the NLB never sees an idle session for long
+    /// enough to drop it.
     #[serde(serialize_with = "ser_duration")]
     pub time: Duration,
-    /// TCP_KEEPINTVL.
+    /// TCP_KEEPINTVL: time between unanswered probes.
     #[serde(serialize_with = "ser_duration")]
     pub interval: Duration,
-    /// TCP_KEEPCNT.
+    /// TCP_KEEPCNT: unanswered probes before the peer is declared dead.
+    /// `time + interval * retries` is also the TCP_USER_TIMEOUT, so unacked
+    /// data gives up as soon as keepalive would.
     pub retries: u32,
-    /// The NLB listener's idle timeout; `time` is below it.
+    /// The NLB listener's idle timeout; `time` is below it, and `ssh-config`
+    /// keeps `ServerAliveInterval` below it.
     #[serde(serialize_with = "ser_duration")]
     pub idle_timeout_limit: Duration,
 }
@@ -123,15 +164,25 @@ pub struct Keepalive {
 /// `[timeouts]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Timeouts {
+    /// Longest wait for a target to accept, so a dead target closes the
+    /// client promptly instead of after the kernel's SYN retries.
     #[serde(serialize_with = "ser_duration")]
     pub connect: Duration,
-    /// `None` = off.
+    /// A session with no bytes either way for this long is closed, to free
+    /// the slot and sockets of a session nobody uses. `None` = off.
     #[serde(serialize_with = "ser_opt_duration")]
     pub idle: Option<Duration>,
+    /// After SIGTERM, readiness fails but listeners still accept for this
+    /// long, so the NLB's health checks take the node out of rotation before
+    /// any connection is refused.
     #[serde(serialize_with = "ser_duration")]
     pub shutdown_delay: Duration,
+    /// After the listeners close, sessions get this long to end by
+    /// themselves before they are closed.
     #[serde(serialize_with = "ser_duration")]
     pub drain: Duration,
+    /// After a reload, a session the new config would refuse is closed after
+    /// this long, so its user can finish instead of being cut off at once.
     #[serde(serialize_with = "ser_duration")]
     pub revoke_grace: Duration,
 }
@@ -139,49 +190,78 @@ pub struct Timeouts {
 /// `[admin]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Admin {
-    /// `None` = "off".
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, for Prometheus
+    /// and health checks; never a port a route listener takes. `None` =
+    /// "off".
     pub listen: Option<SocketAddr>,
 }
 
 /// `[log]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Log {
+    /// How each line is written; a reload cannot change it (the logger is
+    /// set up once at start).
     pub format: LogFormat,
-    /// A tracing filter directive such as `info` or `portgate=debug`.
+    /// A tracing filter directive such as `info` or `portgate=debug`;
+    /// a reload applies it, unless `RUST_LOG` set the level at start.
     pub level: String,
 }
 
+/// `log.format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// Plain lines, for a human reading the journal.
     Text,
+    /// One JSON object per line, for a log pipeline.
     Json,
 }
 
 /// `[access]`: defaults that routes inherit unless they set their own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Access {
+    /// Source CIDRs for routes without their own `allow`. `None` means no
+    /// default: then every route must set `allow`, or the config is refused
+    /// (fail closed).
     pub allow: Option<Vec<IpNet>>,
+    /// VPC endpoint ids for routes without their own `endpoints`; empty =
+    /// any endpoint (or none).
     pub endpoints: Vec<String>,
+    /// Concurrent sessions per route for routes without their own limit;
+    /// 0 = unlimited.
     pub max_connections: u32,
-    /// Concurrent sessions one client address may hold; 0 = unlimited.
+    /// Concurrent sessions one client address may hold across all routes,
+    /// so one client cannot take every slot; 0 = unlimited.
     pub max_per_source: u32,
 }
 
 /// One `[[route]]`, with `[access]` defaults already applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Route {
+    /// Unique; the route's identity across a reload (its sessions and
+    /// counters carry over by name), its metric and log label, and its ssh
+    /// alias.
     pub name: String,
+    /// The listener port connections for this route arrive on.
     pub port: u16,
+    /// With `via`, only connections through this VPC endpoint take the
+    /// route, so one port can serve several endpoints; such a route wins
+    /// over the port's route without `via`.
     pub via: Option<String>,
+    /// Where admitted connections are forwarded.
     pub target: Target,
+    /// Metric and log label grouping routes of one customer; the name when
+    /// not set.
     pub tenant: String,
-    /// Effective source allowlist (never empty).
+    /// Effective source allowlist (never empty): a client outside it is
+    /// refused before the target is dialed.
     pub allow: Vec<IpNet>,
     /// Effective endpoint allowlist; empty = any endpoint (or none).
     pub endpoints: Vec<String>,
-    /// 0 = unlimited.
+    /// Concurrent sessions on this route, to protect the target; 0 =
+    /// unlimited.
     pub max_connections: u32,
+    /// Marks the route as SSH for `ssh-config`, and is the `User` it writes.
     pub ssh_user: Option<String>,
 }
 
@@ -191,11 +271,18 @@ pub struct Route {
 pub enum Target {
     /// A literal address, dialed as is.
     Addr(SocketAddr),
-    /// `host:port`, resolved at each connect.
-    Name { host: String, port: u16 },
+    /// `host:port`, resolved at each connect, so a target whose address
+    /// changes needs no reload.
+    Name {
+        /// A DNS name (never an IP literal).
+        host: String,
+        /// The target port, 1 to 65535.
+        port: u16,
+    },
 }
 
 impl Target {
+    /// The port dialed, whichever form the target has.
     pub fn port(&self) -> u16 {
         match self {
             Target::Addr(a) => a.port(),
@@ -304,6 +391,7 @@ pub struct Problem {
     /// `FILE:LINE:COL` where known, else `FILE` (or empty for problems
     /// between routes, which name the routes in the message).
     pub location: String,
+    /// What is wrong and what would be valid.
     pub message: String,
 }
 
@@ -320,6 +408,8 @@ impl fmt::Display for Problem {
 /// Every problem found while loading a config; displayed one per line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
+    /// Every problem, in the order found (file order, section by section),
+    /// so a user can fix them all in one pass.
     pub problems: Vec<Problem>,
 }
 
@@ -339,37 +429,4 @@ impl fmt::Display for ConfigError {
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let tree = raw::read_tree(path)?;
     validate::validate(path, &tree)
-}
-
-impl Config {
-    /// A config with every default and no routes (for tests and benches;
-    /// a config without routes is valid, it just refuses everything).
-    pub fn with_defaults(source: PathBuf) -> Config {
-        Config {
-            source,
-            listen: Listen { address: IpAddr::from([0, 0, 0, 0]), ports: None },
-            proxy_protocol: ProxyProtocol {
-                mode: ProxyMode::Off,
-                trusted: Vec::new(),
-                header_timeout: Duration::from_secs(5),
-            },
-            keepalive: Keepalive {
-                time: Duration::from_secs(60),
-                interval: Duration::from_secs(15),
-                retries: 4,
-                idle_timeout_limit: Duration::from_secs(350),
-            },
-            timeouts: Timeouts {
-                connect: Duration::from_secs(5),
-                idle: None,
-                shutdown_delay: Duration::ZERO,
-                drain: Duration::from_secs(30),
-                revoke_grace: Duration::from_secs(30),
-            },
-            admin: Admin { listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))) },
-            log: Log { format: LogFormat::Text, level: "info".into() },
-            access: Access { allow: None, endpoints: Vec::new(), max_connections: 0, max_per_source: 0 },
-            routes: Vec::new(),
-        }
-    }
 }

@@ -5,6 +5,10 @@
 //! located problem among others instead of a serde error that stops the whole
 //! parse. Unknown keys are rejected by serde (`deny_unknown_fields`): TOML
 //! syntax and unknown keys are the only problems reported one at a time.
+//!
+//! This module owns the file reading (which files are read, how big, in
+//! what order) and the `FILE:LINE:COL` of a span. It must not judge values
+//! or fill in defaults: that is [`validate`](super::validate)'s job.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -198,33 +202,33 @@ fn toml_problem(file: &SourceFile, e: &toml::de::Error, hint: &str) -> Problem {
     Problem { location, message: format!("{message}{hint}") }
 }
 
-fn read(path: &Path) -> Result<String, Problem> {
+/// Read one config file, the main file or an include: the one place that
+/// decides which files are read. `Err` is why not, for the caller to put in
+/// its own message.
+fn read_file(path: &Path) -> Result<String, String> {
+    // Only regular files: opening a FIFO or a device would block or read
+    // forever.
     if let Ok(m) = std::fs::metadata(path) {
-        let why = if !m.is_file() {
-            Some("not a regular file".to_string())
-        } else if m.len() > MAX_FILE_BYTES {
-            Some(format!("larger than {MAX_FILE_BYTES} bytes"))
-        } else {
-            None
-        };
-        if let Some(why) = why {
-            return Err(Problem {
-                location: path.display().to_string(),
-                message: format!("cannot read config: {why}"),
-            });
+        if !m.is_file() {
+            return Err("not a regular file".to_string());
+        }
+        if m.len() > MAX_FILE_BYTES {
+            return Err(format!("larger than {MAX_FILE_BYTES} bytes"));
         }
     }
-    std::fs::read_to_string(path).map_err(|e| Problem {
-        location: path.display().to_string(),
-        message: format!("cannot read config: {e}"),
-    })
+    std::fs::read_to_string(path).map_err(|e| e.to_string())
 }
 
 /// Read the main file and its includes. Fails only when the main file cannot
 /// be read or parsed; problems with included files are collected in
 /// [`Tree::problems`].
 pub fn read_tree(path: &Path) -> Result<Tree, ConfigError> {
-    let text = read(path).map_err(|p| ConfigError { problems: vec![p] })?;
+    let text = read_file(path).map_err(|why| ConfigError {
+        problems: vec![Problem {
+            location: path.display().to_string(),
+            message: format!("cannot read config: {why}"),
+        }],
+    })?;
     let main_file = SourceFile { path: path.to_path_buf(), text };
     let main: RawConfig = toml::from_str(&main_file.text)
         .map_err(|e| ConfigError { problems: vec![toml_problem(&main_file, &e, "")] })?;
@@ -265,29 +269,13 @@ pub fn read_tree(path: &Path) -> Result<Tree, ConfigError> {
                 continue;
             }
             seen.push(canonical);
-            // Only regular files: opening a FIFO or a device would block or
-            // read forever.
-            let problem = match std::fs::metadata(&file_path) {
-                Ok(m) if !m.is_file() => Some("not a regular file".to_string()),
-                Ok(m) if m.len() > MAX_FILE_BYTES => Some(format!("larger than {MAX_FILE_BYTES} bytes")),
-                _ => None,
-            };
-            if let Some(why) = problem {
-                let p = tree.problem(
-                    0,
-                    span.clone(),
-                    format!("cannot read included file {}: {why}", file_path.display()),
-                );
-                tree.problems.push(p);
-                continue;
-            }
-            let text = match std::fs::read_to_string(&file_path) {
+            let text = match read_file(&file_path) {
                 Ok(t) => t,
-                Err(e) => {
+                Err(why) => {
                     let p = tree.problem(
                         0,
                         span.clone(),
-                        format!("cannot read included file {}: {e}", file_path.display()),
+                        format!("cannot read included file {}: {why}", file_path.display()),
                     );
                     tree.problems.push(p);
                     continue;
@@ -312,4 +300,32 @@ pub fn read_tree(path: &Path) -> Result<Tree, ConfigError> {
         }
     }
     Ok(tree)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(e: ConfigError) -> Vec<String> {
+        e.problems.iter().map(|p| p.message.clone()).collect()
+    }
+
+    #[test]
+    fn main_file_and_includes_are_checked_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub.toml")).unwrap();
+        // The main file.
+        let e = read_tree(&dir.path().join("sub.toml")).unwrap_err();
+        assert_eq!(messages(e), ["cannot read config: not a regular file"]);
+        // An include, with the same reason.
+        let main = dir.path().join("main.toml");
+        std::fs::write(&main, "include = [\"sub.toml\", \"missing.toml\"]\n").unwrap();
+        let tree = read_tree(&main).unwrap();
+        let got: Vec<&str> = tree.problems.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[0].starts_with("cannot read included file "), "{got:?}");
+        assert!(got[0].ends_with("sub.toml: not a regular file"), "{got:?}");
+        assert!(got[1].ends_with("missing.toml: No such file or directory (os error 2)"), "{got:?}");
+        assert_eq!(tree.problems[0].location, format!("{}:1:12", main.display()));
+    }
 }

@@ -13,6 +13,10 @@
 //! one that it cannot write exactly (a sub-millisecond part, or more
 //! milliseconds than a duration string can hold), which is written as seconds
 //! plus nanoseconds (`"1s 500ns"`).
+//!
+//! This module only formats. It must not validate or fill in anything itself:
+//! every value it writes comes from the [`Config`], so what it writes cannot
+//! drift from what [`load`](super::load) decided.
 
 use std::fmt::Write as _;
 use std::time::Duration;
