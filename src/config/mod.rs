@@ -16,10 +16,10 @@
 //! bind sockets or touch global state: `check`, `routes`, `ssh-config` and a
 //! SIGHUP reload all call [`load`] off to the side.
 
-pub mod defaults;
-pub mod raw;
+pub(crate) mod defaults;
+pub(crate) mod raw;
 pub mod render;
-pub mod validate;
+pub(crate) mod validate;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
