@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{self, Config, ConfigError, Problem, ProxyMode};
+use crate::config::{self, Config, ConfigError, ProxyMode};
 
 /// TCP port-range forwarding proxy for private maintenance lines behind
 /// AWS PrivateLink and a Network Load Balancer.
@@ -57,22 +57,10 @@ pub struct SshConfigArgs {
     pub output: Option<PathBuf>,
 }
 
-/// Load and validate a config, including what only the runtime can judge
-/// (the log level's syntax).
+/// Load and validate a config: the one validation path that `check`,
+/// `run` and a reload share.
 pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
-    let cfg = config::load(path)?;
-    if let Err(e) = crate::logging::check_level(&cfg.log.level) {
-        return Err(ConfigError {
-            problems: vec![Problem {
-                location: path.display().to_string(),
-                message: format!(
-                    "log.level {:?} is not a valid filter ({e}); use one of error, warn, info, debug, trace",
-                    cfg.log.level
-                ),
-            }],
-        });
-    }
-    Ok(cfg)
+    config::load(path)
 }
 
 /// The summary `check` prints for a valid config.

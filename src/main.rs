@@ -92,10 +92,14 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     })
 }
 
+/// At exit, how long queued log lines get to reach a slow sink.
+const LOG_FLUSH_AT_EXIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn run(path: &Path) -> ExitCode {
     // Validate before binding anything.
     let Some(cfg) = load(path) else { return ExitCode::from(1) };
-    let log = logging::init(cfg.log.format, &cfg.log.level);
+    let log = logging::init(cfg.log.format, &cfg.log.level, cfg.log.queue_lines);
+    let exit_log = log.clone();
     raise_nofile_limit();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
@@ -114,10 +118,14 @@ fn run(path: &Path) -> ExitCode {
     });
     // Sessions' sockets are closed by now; don't wait for stray tasks.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "portgate failed");
+    }
+    // Let the log writer catch up, but never let a stalled sink hold the exit.
+    exit_log.flush(LOG_FLUSH_AT_EXIT);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "portgate failed");
             eprintln!("portgate: {e}");
             ExitCode::from(1)
         }

@@ -54,6 +54,7 @@ pub const BUILD_INFO: &str = "portgate_build_info";
 /// the descriptor limit bites.
 pub const OPEN_FDS: &str = "portgate_process_open_fds";
 pub const MAX_FDS: &str = "portgate_process_max_fds";
+pub const LOG_LINES_DROPPED: &str = "portgate_log_lines_dropped_total";
 
 /// Dialing a target on a private network: sub-millisecond when healthy,
 /// up to the connect timeout when not.
@@ -94,6 +95,7 @@ pub struct RouteMetrics {
     rejected_source: Counter,
     rejected_endpoint: Counter,
     rejected_limit: Counter,
+    rejected_audit: Counter,
     connect_refused: Counter,
     connect_timeout: Counter,
     connect_unreachable: Counter,
@@ -106,6 +108,7 @@ impl RouteMetrics {
             Reject::SourceNotAllowed => Some(&self.rejected_source),
             Reject::EndpointNotAllowed => Some(&self.rejected_endpoint),
             Reject::Limit => Some(&self.rejected_limit),
+            Reject::AuditUnavailable => Some(&self.rejected_audit),
             Reject::ProxyHeader | Reject::NoRoute => None,
         }
     }
@@ -187,6 +190,7 @@ impl Metrics {
             rejected_source: reason(Reject::SourceNotAllowed),
             rejected_endpoint: reason(Reject::EndpointNotAllowed),
             rejected_limit: reason(Reject::Limit),
+            rejected_audit: reason(Reject::AuditUnavailable),
             connect_refused: kind(ConnectErrorKind::Refused),
             connect_timeout: kind(ConnectErrorKind::Timeout),
             connect_unreachable: kind(ConnectErrorKind::Unreachable),
@@ -222,6 +226,12 @@ impl Metrics {
         out.push_str(&format!(
             "# HELP {CONFIG_INFO} The effective config's sha256; differs between nodes that drifted.\n\
              # TYPE {CONFIG_INFO} gauge\n{CONFIG_INFO}{{hash=\"{hash}\"}} 1\n\n"
+        ));
+        // Kept by the log writer, which starts before any Metrics exists.
+        let dropped = crate::logging::lines_dropped();
+        out.push_str(&format!(
+            "# HELP {LOG_LINES_DROPPED} Log lines dropped because the log sink could not keep up.\n\
+             # TYPE {LOG_LINES_DROPPED} counter\n{LOG_LINES_DROPPED} {dropped}\n\n"
         ));
         if let Some((open, max)) = fd_usage() {
             out.push_str(&format!(

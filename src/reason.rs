@@ -14,6 +14,8 @@ pub(crate) enum Reject {
     SourceNotAllowed,
     EndpointNotAllowed,
     Limit,
+    /// `[log] audit = "required"` and the log queue is full.
+    AuditUnavailable,
 }
 
 impl Reject {
@@ -24,6 +26,7 @@ impl Reject {
             Reject::SourceNotAllowed => "source_not_allowed",
             Reject::EndpointNotAllowed => "endpoint_not_allowed",
             Reject::Limit => "limit",
+            Reject::AuditUnavailable => "audit_unavailable",
         }
     }
 }

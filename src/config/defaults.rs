@@ -12,7 +12,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Access, Admin, Config, Keepalive, Listen, Log, LogFormat, ProxyMode, ProxyProtocol, Timeouts};
+use super::{
+    Access, Admin, Audit, Config, Keepalive, Listen, Log, LogFormat, ProxyMode, ProxyProtocol, Timeouts,
+};
 
 /// `listen.address`: every IPv4 address of the host, so the NLB can reach it
 /// on whichever interface it uses.
@@ -51,6 +53,13 @@ pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ip
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 /// `log.level`: one line per session end and per rejection, no debug noise.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// `log.queue_lines`: a reload revoking thousands of sessions writes one line
+/// each in a burst; 8192 lines (about 3 MiB at ~400 bytes a line) absorb it
+/// while a healthy sink catches up.
+pub const DEFAULT_LOG_QUEUE_LINES: usize = 8192;
+/// `log.audit`: keep admitting when the log sink stalls (lines are dropped
+/// and counted); `required` is the opt-in for a complete audit trail.
+pub const DEFAULT_LOG_AUDIT: Audit = Audit::BestEffort;
 /// `access.max_connections`: 0 = unlimited, the limit is opt-in.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 0;
 /// `access.max_per_source`: 0 = unlimited, the limit is opt-in.
@@ -82,7 +91,12 @@ impl Config {
                 revoke_grace: DEFAULT_REVOKE_GRACE,
             },
             admin: Admin { listen: Some(DEFAULT_ADMIN_LISTEN) },
-            log: Log { format: DEFAULT_LOG_FORMAT, level: DEFAULT_LOG_LEVEL.to_owned() },
+            log: Log {
+                format: DEFAULT_LOG_FORMAT,
+                level: DEFAULT_LOG_LEVEL.to_owned(),
+                queue_lines: DEFAULT_LOG_QUEUE_LINES,
+                audit: DEFAULT_LOG_AUDIT,
+            },
             access: Access {
                 allow: None,
                 endpoints: Vec::new(),

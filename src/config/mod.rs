@@ -205,6 +205,34 @@ pub struct Log {
     /// A tracing filter directive such as `info` or `portgate=debug`;
     /// a reload applies it, unless `RUST_LOG` set the level at start.
     pub level: String,
+    /// How many lines may wait for the log writer; beyond it lines are
+    /// dropped and counted, so a stalled sink never stalls the node. Not
+    /// hashed at its default, so adding the key changed no existing hash.
+    #[serde(skip_serializing_if = "is_default_queue_lines")]
+    pub queue_lines: usize,
+    /// Whether admission stops while lines cannot be recorded. Not hashed
+    /// at its default (see `queue_lines`).
+    #[serde(skip_serializing_if = "is_default_audit")]
+    pub audit: Audit,
+}
+
+fn is_default_queue_lines(n: &usize) -> bool {
+    *n == defaults::DEFAULT_LOG_QUEUE_LINES
+}
+
+fn is_default_audit(a: &Audit) -> bool {
+    *a == defaults::DEFAULT_LOG_AUDIT
+}
+
+/// `log.audit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Audit {
+    /// Keep admitting while lines are dropped (they are counted).
+    BestEffort,
+    /// Refuse new connections (`audit_unavailable`) while the queue is full,
+    /// so no session goes unrecorded; running sessions are untouched.
+    Required,
 }
 
 /// `log.format`.

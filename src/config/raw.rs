@@ -115,6 +115,10 @@ pub struct RawAdmin {
 pub struct RawLog {
     pub format: Option<Spanned<String>>,
     pub level: Option<Spanned<String>>,
+    /// Lines the in-memory queue to the log writer holds.
+    pub queue_lines: Option<Spanned<i64>>,
+    /// `"best_effort"` or `"required"`.
+    pub audit: Option<Spanned<String>>,
 }
 
 /// `[access]`: defaults for routes.

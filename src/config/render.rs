@@ -21,7 +21,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use super::{fmt_duration, Config, LogFormat, ProxyMode, Route};
+use super::{fmt_duration, Audit, Config, LogFormat, ProxyMode, Route};
 
 /// Render `cfg` as a TOML file that [`load`](super::load) accepts back.
 pub fn to_toml(cfg: &Config) -> String {
@@ -74,6 +74,12 @@ pub fn to_toml(cfg: &Config) -> String {
     };
     let _ = writeln!(o, "format = {}", quote(format));
     let _ = writeln!(o, "level = {}", quote(&cfg.log.level));
+    let _ = writeln!(o, "queue_lines = {}", cfg.log.queue_lines);
+    let audit = match cfg.log.audit {
+        Audit::BestEffort => "best_effort",
+        Audit::Required => "required",
+    };
+    let _ = writeln!(o, "audit = {}", quote(audit));
 
     // Routes carry their effective values; [access] is kept for what it
     // still decides (max_per_source) and for the reader.

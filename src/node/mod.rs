@@ -57,7 +57,7 @@ struct Node {
     admin: Option<AdminServer>,
     /// The file a reload re-reads (the one the node was started with).
     config_path: PathBuf,
-    /// Lets a reload change the log level.
+    /// Lets a reload change the log level and queue bound.
     log: LogControl,
 }
 

@@ -115,7 +115,7 @@ impl Node {
         if new.log.format != old.config.log.format {
             tracing::warn!("log.format changes take effect at the next restart");
         }
-        self.log.set_level(&new.log.level);
+        self.log.apply(&new.log.level, new.log.queue_lines);
         state.states.refresh_labels(&new);
         let keepalive = new.keepalive.clone();
         let snap = Arc::new(Snapshot::new(new, &state.states));

@@ -170,8 +170,8 @@ fn check_prefix(buf: &[u8], expected: &[u8]) -> Result<(), HeaderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{Ipv4Addr, Ipv6Addr};
     use proptest::prelude::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()

@@ -4,7 +4,9 @@
 //! route lookup (`no_route`), source (`source_not_allowed`), endpoint
 //! (`endpoint_not_allowed`), then the limits (`limit`: the route's
 //! `max_connections`, then `[access] max_per_source`), taken as slots that
-//! are held for the session's life. The PROXY header was step 1.
+//! are held for the session's life, and last, with `[log] audit =
+//! "required"`, whether the session can be recorded (`audit_unavailable`).
+//! The PROXY header was step 1.
 //!
 //! This module decides; it must not read sockets, count or log (the caller
 //! records the outcome).
@@ -13,7 +15,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::addr::ConnInfo;
-use crate::config::Route;
+use crate::config::{Audit, Route};
 use crate::node::state::{NodeState, Snapshot, SourceSlot};
 use crate::reason::Reject;
 use crate::routes::{RouteEntry, RouteSlot};
@@ -55,6 +57,10 @@ pub(super) fn admit_connection(
     } else {
         None
     };
+    if snap.config.log.audit == Audit::Required && crate::logging::audit_unavailable() {
+        // The slots taken above drop here.
+        return Err(refuse(Reject::AuditUnavailable));
+    }
     Ok(Admission { route: Arc::clone(&entry.route), route_slot, source_slot })
 }
 

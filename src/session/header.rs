@@ -68,10 +68,12 @@ async fn read_header(stream: &TcpStream, timeout: Duration) -> HeaderRead {
     loop {
         let ready = tokio::time::timeout_at(deadline, stream.readable()).await;
         match ready {
-            Err(_) => return HeaderRead::Failed(format!(
+            Err(_) => {
+                return HeaderRead::Failed(format!(
                 "no complete PROXY header within {} (proxy_protocol.header_timeout); {len} bytes received",
                 fmt_duration(timeout)
-            )),
+            ))
+            }
             Ok(Err(e)) => return HeaderRead::Failed(format!("reading PROXY header: {e}")),
             Ok(Ok(())) => {}
         }

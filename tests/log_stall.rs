@@ -1,0 +1,175 @@
+//! A log sink that stops reading must not stop the node (SPEC "Logging never
+//! stops the node"): portgate's stderr is a pipe this test never reads
+//! (shrunk to one page, so it fills after a few lines), as a stalled
+//! journald or a blocked `| tee` would be.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A node whose stderr nobody reads.
+struct Stalled {
+    child: Child,
+    stderr: Option<ChildStderr>,
+    admin: SocketAddr,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Stalled {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_stalled(audit: &str, drain: &str) -> Stalled {
+    let backend = echo_server();
+    let port = free_port();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portgate.toml");
+    let config = format!(
+        "[admin]\nlisten = \"{admin}\"\n[log]\nformat = \"json\"\nqueue_lines = 64\naudit = \"{audit}\"\n\
+         [timeouts]\ndrain = \"{drain}\"\n[access]\nallow = [\"127.0.0.0/8\"]\n\
+         [[route]]\nname = \"echo\"\nport = {port}\ntarget = \"{backend}\"\n"
+    );
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn portgate");
+    let stderr = child.stderr.take().unwrap();
+    // One page: the pipe is full after a dozen lines.
+    // SAFETY: fcntl on a pipe descriptor this test owns.
+    let rc = unsafe { libc::fcntl(stderr.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+    assert!(rc >= 4096, "could not shrink the stderr pipe");
+    let node = Stalled { child, stderr: Some(stderr), admin, port, _dir: dir };
+    let deadline = Instant::now() + SOON;
+    while TcpStream::connect(admin).is_err() || TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "portgate did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    node
+}
+
+/// One short session through the node; `Ok` with what came back.
+fn one_session(port: u16, i: usize) -> std::io::Result<Vec<u8>> {
+    let s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(SOON))?;
+    try_roundtrip(s, format!("hello {i}").as_bytes())
+}
+
+/// An echo check on a session that stays open.
+fn echo(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got).expect("the established session stopped echoing");
+    assert_eq!(got, msg);
+}
+
+fn metric(admin: SocketAddr, series: &str) -> f64 {
+    let (code, body) = http_get(admin, "/metrics");
+    assert_eq!(code, 200);
+    metric_value(&body, series).unwrap_or_else(|| panic!("no series {series}"))
+}
+
+#[test]
+fn a_stalled_log_sink_drops_lines_and_the_node_keeps_serving() {
+    let mut node = start_stalled("best_effort", "30s");
+    let mut long = connect(SocketAddr::from(([127, 0, 0, 1], node.port)));
+    echo(&mut long, b"before");
+
+    // Far more session lines than one page of pipe and 64 queued lines.
+    for i in 0..400 {
+        let got = one_session(node.port, i).expect("a session failed while the log sink stalls");
+        assert_eq!(got, format!("hello {i}").as_bytes());
+    }
+    let dropped = metric(node.admin, "portgate_log_lines_dropped_total");
+    assert!(dropped > 0.0, "no line was dropped: the test did not stall the sink");
+    assert_eq!(http_get(node.admin, "/healthz").0, 200);
+    echo(&mut long, b"during");
+
+    // The sink recovers: the warning comes, with the count.
+    let logs = LogBuf::capture(node.stderr.take().unwrap());
+    // A line after the drops makes the writer emit the warning before it.
+    one_session(node.port, 1000).unwrap();
+    let line = logs.wait_from(0, |l| l.contains("log lines dropped"), 1, SOON);
+    let v = parse(&line);
+    assert_eq!(v["level"], "WARN");
+    assert!(v["dropped"].as_u64().unwrap_or(0) > 0, "{line}");
+}
+
+#[test]
+fn audit_required_refuses_new_connections_while_lines_cannot_be_recorded() {
+    let mut node = start_stalled("required", "30s");
+    let mut long = connect(SocketAddr::from(([127, 0, 0, 1], node.port)));
+    echo(&mut long, b"before");
+
+    let mut refused = 0;
+    for i in 0..600 {
+        match one_session(node.port, i) {
+            Ok(got) if got == format!("hello {i}").as_bytes() => {}
+            _ => refused += 1,
+        }
+        if refused >= 5 {
+            break;
+        }
+    }
+    assert!(refused >= 5, "no connection was refused with the log queue full");
+    let series = r#"portgate_connections_rejected_total{route="echo",reason="audit_unavailable"}"#;
+    assert!(metric(node.admin, series) >= 5.0);
+    // Running sessions are untouched.
+    echo(&mut long, b"during");
+
+    // Once the sink drains, admission resumes.
+    let _logs = LogBuf::capture(node.stderr.take().unwrap());
+    let deadline = Instant::now() + SOON;
+    let mut i = 10_000;
+    loop {
+        if matches!(one_session(node.port, i), Ok(got) if got == format!("hello {i}").as_bytes()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "admission did not resume after the sink drained");
+        i += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_drains_and_exits_on_time_with_a_stalled_sink() {
+    let mut node = start_stalled("best_effort", "1s");
+    let mut long = connect(SocketAddr::from(([127, 0, 0, 1], node.port)));
+    echo(&mut long, b"before");
+    for i in 0..300 {
+        one_session(node.port, i).unwrap();
+    }
+    assert!(metric(node.admin, "portgate_log_lines_dropped_total") > 0.0);
+    let start = Instant::now();
+    // SAFETY: kill(2) on the child this test spawned.
+    assert_eq!(unsafe { libc::kill(node.child.id() as i32, libc::SIGTERM) }, 0);
+    let deadline = start + Duration::from_secs(2); // drain + a second
+    let status = loop {
+        if let Some(s) = node.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "portgate did not exit within drain + 1 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    // The long session was closed with FIN at the end of the drain.
+    let mut b = [0u8; 8];
+    assert!(matches!(long.read(&mut b), Ok(0) | Err(_)));
+}
