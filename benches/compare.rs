@@ -10,7 +10,7 @@
 //!
 //! Flags: `--quick`; `--rounds N`; `--only LIST` where LIST is any of
 //! `bulk,latency,connrate,idle,reload`; `--contenders LIST` (any of
-//! `direct,portgate,haproxy,nginx`); `--idle-sessions N` (default 8000);
+//! `direct,portgate,portgate-log,haproxy,nginx`; portgate-log is portgate with session logging on at info, written to a file); `--idle-sessions N` (default 8000);
 //! `--secs S` (seconds per measurement).
 //!
 //! Every figure is the median of the rounds with the min-max spread; the
@@ -60,7 +60,7 @@ fn parse_opts() -> Opts {
         rounds: if quick { 2 } else { 5 },
         secs: if quick { 0.7 } else { 2.0 },
         only: vec!["bulk".into(), "latency".into(), "connrate".into(), "idle".into(), "reload".into()],
-        contenders: vec![Kind::Direct, Kind::Portgate, Kind::Haproxy, Kind::Nginx],
+        contenders: vec![Kind::Direct, Kind::Portgate, Kind::PortgateLog, Kind::Haproxy, Kind::Nginx],
         idle_n: if quick { 2000 } else { 8000 },
         mem_rounds: if quick { 1 } else { 3 },
         reload_rounds: if quick { 1 } else { 3 },
@@ -92,6 +92,7 @@ fn parse_opts() -> Opts {
                     .map(|s| match s.trim() {
                         "direct" => Kind::Direct,
                         "portgate" => Kind::Portgate,
+                        "portgate-log" => Kind::PortgateLog,
                         "haproxy" => Kind::Haproxy,
                         "nginx" => Kind::Nginx,
                         other => panic!("unknown contender {other}"),
@@ -302,6 +303,9 @@ fn start_echo(base: u16, n: u16) {
 enum Kind {
     Direct,
     Portgate,
+    /// portgate with session logging on at `info` (the production setting),
+    /// lines written to a file through the log queue.
+    PortgateLog,
     Haproxy,
     Nginx,
 }
@@ -311,6 +315,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::Portgate => "portgate",
+            Kind::PortgateLog => "portgate-log",
             Kind::Haproxy => "haproxy",
             Kind::Nginx => "nginx",
         }
@@ -318,7 +323,7 @@ impl Kind {
     fn installed(self) -> Result<(), String> {
         match self {
             Kind::Direct => Ok(()),
-            Kind::Portgate => {
+            Kind::Portgate | Kind::PortgateLog => {
                 if Path::new(BIN).exists() {
                     Ok(())
                 } else {
@@ -360,11 +365,12 @@ impl Proxy {
         let last = base + NPORTS - 1;
         let child = match kind {
             Kind::Direct => None,
-            Kind::Portgate => {
+            Kind::Portgate | Kind::PortgateLog => {
+                let level = if kind == Kind::PortgateLog { "info" } else { "warn" };
                 let mut c = String::new();
                 writeln!(c, "[listen]\naddress = \"127.0.0.1\"\nports = \"{base}-{last}\"\n").unwrap();
                 writeln!(c, "[access]\nallow = [\"127.0.0.0/8\"]\n").unwrap();
-                writeln!(c, "[admin]\nlisten = \"off\"\n\n[log]\nlevel = \"warn\"\n").unwrap();
+                writeln!(c, "[admin]\nlisten = \"off\"\n\n[log]\nlevel = \"{level}\"\n").unwrap();
                 for i in 0..NPORTS {
                     writeln!(
                         c,
@@ -378,7 +384,13 @@ impl Proxy {
                 std::fs::write(&path, c).unwrap();
                 let mut cmd = Command::new("taskset");
                 cmd.args(["-c", "0", BIN, "run", "-c"]).arg(&path).env_remove("RUST_LOG");
-                Some(spawn_wait(cmd, base))
+                let stderr = if kind == Kind::PortgateLog {
+                    // A real sink: every session line is written (as to the journal).
+                    Stdio::from(std::fs::File::create(dir.join("portgate.log")).expect("create the log file"))
+                } else {
+                    Stdio::inherit()
+                };
+                Some(spawn_wait_with(cmd, base, stderr))
             }
             Kind::Haproxy => {
                 let c = format!(
@@ -465,8 +477,12 @@ impl Drop for Proxy {
 }
 
 /// Spawn a proxy and wait until every port of its range accepts.
-fn spawn_wait(mut cmd: Command, base: u16) -> Child {
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+fn spawn_wait(cmd: Command, base: u16) -> Child {
+    spawn_wait_with(cmd, base, Stdio::inherit())
+}
+
+fn spawn_wait_with(mut cmd: Command, base: u16, stderr: Stdio) -> Child {
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
     let mut child = cmd.spawn().expect("spawn proxy");
     let deadline = Instant::now() + Duration::from_secs(10);
     'ports: for p in base..base + NPORTS {
