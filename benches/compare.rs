@@ -10,8 +10,9 @@
 //!
 //! Flags: `--quick`; `--rounds N`; `--only LIST` where LIST is any of
 //! `bulk,latency,connrate,idle,reload`; `--contenders LIST` (any of
-//! `direct,portgate,portgate-log,haproxy,nginx`; portgate-log is portgate with session logging on at info, written to a file); `--idle-sessions N` (default 8000);
-//! `--secs S` (seconds per measurement).
+//! `direct,portgate,portgate-log,haproxy,nginx`; `portgate-log` is portgate
+//! with session logging on at `info`, written to a file); `--idle-sessions N`
+//! (default 8000); `--secs S` (seconds per measurement).
 //!
 //! Every figure is the median of the rounds with the min-max spread; the
 //! contenders are interleaved (A B C D A B C D ...). Only 127.0.0.0/8 is used.
