@@ -61,7 +61,16 @@ impl Node {
     pub(super) async fn reload(&mut self) {
         systemd::notify_reloading();
         let path = self.config_path.clone();
-        let loaded = tokio::task::spawn_blocking(move || config::load(&path)).await;
+        // Its own thread, not the runtime's blocking pool: hung name lookups
+        // could hold every pool thread, and a reload must still run.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new().name("portgate-reload".into()).spawn(move || {
+            let _ = tx.send(config::load(&path));
+        });
+        let loaded = match spawned {
+            Ok(_) => rx.await.map_err(|_| "the loader thread ended without an answer".to_string()),
+            Err(e) => Err(format!("cannot start the loader thread: {e}")),
+        };
         let metrics = Arc::clone(&self.state.metrics);
         let result = match loaded {
             Ok(Ok(new)) => self.apply(new).await.map_err(|e| e.to_string()),

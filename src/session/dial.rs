@@ -2,18 +2,27 @@
 //! and name a failure's kind for `portgate_upstream_connect_errors_total`.
 //!
 //! A `host:port` target is resolved at each connect, and every address it
-//! resolves to is tried in turn under the one deadline. This module dials;
-//! it must not count, log or set session options (the caller does).
+//! resolves to is tried in turn under the one deadline. A lookup holds a
+//! blocking thread for as long as the resolver takes (getaddrinfo cannot be
+//! cancelled), so at most [`MAX_LOOKUPS`] run at once: a resolver that hangs
+//! costs those threads and times out the sessions that wait, but it cannot
+//! use up the runtime's blocking pool. This module dials; it must not count,
+//! log or set session options (the caller does).
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::config::Target;
 use crate::reason::ConnectErrorKind;
+
+/// Name lookups in flight at most (each one blocking thread).
+const MAX_LOOKUPS: usize = 64;
+static LOOKUPS: Semaphore = Semaphore::const_new(MAX_LOOKUPS);
 
 /// A failed dial.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +31,8 @@ pub(crate) enum DialError {
     Timeout,
     #[error("name lookup failed: {0}")]
     Resolve(String),
+    #[error("name lookup timed out (the resolver did not answer within timeouts.connect)")]
+    ResolveTimeout,
     #[error("{0}")]
     Io(io::Error),
 }
@@ -30,7 +41,7 @@ impl DialError {
     /// The `kind` label of this failure.
     pub(crate) fn kind(&self) -> ConnectErrorKind {
         match self {
-            DialError::Timeout => ConnectErrorKind::Timeout,
+            DialError::Timeout | DialError::ResolveTimeout => ConnectErrorKind::Timeout,
             DialError::Resolve(_) => ConnectErrorKind::Unreachable,
             DialError::Io(e) => match e.kind() {
                 io::ErrorKind::ConnectionRefused => ConnectErrorKind::Refused,
@@ -55,10 +66,7 @@ pub(crate) async fn dial(target: &Target, timeout: Duration) -> Result<TcpStream
         Target::Addr(a) => connect(*a, timeout).await,
         Target::Name { host, port } => {
             let deadline = Instant::now() + timeout;
-            let addrs = tokio::time::timeout_at(deadline, tokio::net::lookup_host((host.as_str(), *port)))
-                .await
-                .map_err(|_| DialError::Timeout)?
-                .map_err(|e| DialError::Resolve(e.to_string()))?;
+            let addrs = resolve(host, *port, deadline).await?;
             let mut last = DialError::Resolve(format!("{host} has no addresses"));
             for addr in addrs {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -72,6 +80,27 @@ pub(crate) async fn dial(target: &Target, timeout: Duration) -> Result<TcpStream
             }
             Err(last)
         }
+    }
+}
+
+/// Resolve `host:port` by the system resolver by `deadline`, within the
+/// bound on concurrent lookups.
+async fn resolve(host: &str, port: u16, deadline: Instant) -> Result<Vec<SocketAddr>, DialError> {
+    let permit = tokio::time::timeout_at(deadline, LOOKUPS.acquire())
+        .await
+        .map_err(|_| DialError::ResolveTimeout)?
+        .map_err(|_| DialError::Resolve("the resolver is shut down".into()))?;
+    let name = (host.to_owned(), port);
+    // The permit lives as long as the blocking call, not as long as our wait.
+    let lookup = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        std::net::ToSocketAddrs::to_socket_addrs(&(name.0.as_str(), name.1)).map(Iterator::collect)
+    });
+    match tokio::time::timeout_at(deadline, lookup).await {
+        Err(_) => Err(DialError::ResolveTimeout),
+        Ok(Err(e)) => Err(DialError::Resolve(format!("lookup task failed: {e}"))),
+        Ok(Ok(Err(e))) => Err(DialError::Resolve(e.to_string())),
+        Ok(Ok(Ok(addrs))) => Ok(addrs),
     }
 }
 
