@@ -228,20 +228,16 @@ fn probe_netns() -> Result<(), String> {
     Ok(())
 }
 
-/// True to go ahead; false (after saying why) to skip. Under CI a missing
-/// capability is a failure.
-fn netns_or_skip(test: &str) -> bool {
-    match probe_netns() {
-        Ok(()) => true,
-        Err(why) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{test}: network namespaces and nftables must work in CI (root, iproute2, nftables): {why}"
-            );
-            eprintln!("skipped {test}: network namespaces or nftables unavailable: {why}");
-            false
-        }
-    }
+/// True to go ahead; false (after [`require`] said why) to skip. Under CI a
+/// missing capability is a failure.
+fn have_netns() -> bool {
+    let probe = probe_netns();
+    let why = probe.as_ref().err().map_or("", String::as_str);
+    require(
+        &format!("network namespaces with nftables ({why})"),
+        probe.is_ok(),
+        "run as root; apt-get install iproute2 nftables",
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -418,7 +414,7 @@ struct HoleClient {
 
 #[test]
 fn syn_black_hole_closes_the_client_promptly_and_other_routes_keep_working() {
-    if !netns_or_skip("syn_black_hole") {
+    if !have_netns() {
         return;
     }
     // portgate + clients in "p"; the target host 10.250.1.2 in "t", where an
@@ -630,7 +626,7 @@ fn nlb_path(tag: &str) -> (Netns, Netns, Netns) {
 
 #[test]
 fn nlb_idle_timeout_kills_an_idle_flow_unless_keepalive_refreshes_it() {
-    if !netns_or_skip("nlb_idle_timeout") {
+    if !have_netns() {
         return;
     }
     let (c, r, p) = nlb_path("idle");
@@ -821,7 +817,7 @@ const KEEPALIVE_GIVES_UP: Duration = Duration::from_secs(3);
 
 #[test]
 fn a_dead_idle_flow_is_reaped_by_keepalive() {
-    if !netns_or_skip("dead_idle_flow") {
+    if !have_netns() {
         return;
     }
     let d = cut_flow("dead", false, Duration::from_secs(10));
@@ -845,7 +841,7 @@ fn a_dead_idle_flow_is_reaped_by_keepalive() {
 /// holding the route's connection slot and two descriptors all that time.
 #[test]
 fn a_dead_flow_with_unacknowledged_data_is_reaped_in_keepalive_time() {
-    if !netns_or_skip("dead_busy_flow") {
+    if !have_netns() {
         return;
     }
     let d = cut_flow("busy", true, Duration::from_secs(10));

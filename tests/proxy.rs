@@ -562,8 +562,8 @@ fn untrusted_peer_header_is_rejected() {
 
 #[test]
 fn ipv6_listener_and_target() {
-    if std::net::TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("skipped: no IPv6 loopback on this host");
+    let have_v6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    if !require("an IPv6 loopback (::1)", have_v6, "enable IPv6: sysctl net.ipv6.conf.lo.disable_ipv6=0") {
         return;
     }
     let echo = echo_server_on("[::1]:0");

@@ -19,14 +19,7 @@ const SSHD: &str = "/usr/sbin/sshd";
 
 fn have_openssh() -> bool {
     let ok = Path::new(SSHD).exists() && Command::new("ssh").arg("-V").output().is_ok();
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "openssh-server and openssh-client must be installed in CI"
-        );
-        eprintln!("skipped: OpenSSH client or server not installed");
-    }
-    ok
+    require("the OpenSSH client and server", ok, "apt-get install openssh-client openssh-server")
 }
 
 /// An sshd on 127.0.0.1 with its own host key and one authorized key.

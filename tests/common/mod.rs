@@ -20,6 +20,34 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_portgate");
 /// Generous bound for anything that should happen "at once" on a loaded CI box.
 pub const SOON: Duration = Duration::from_secs(10);
 
+/// Whether this run is CI's: `CI` set to anything but empty, `0` or `false`
+/// (CI services set `CI=true`; `.ci/run` does too).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+}
+
+/// The one guard for a test that needs a peer from outside this repository
+/// (a program, a kernel feature): `available` says whether it is here.
+///
+/// Here: true, and the test goes on. Missing under CI ([`in_ci`]): a panic
+/// naming what is missing and how to install it, so CI cannot pass a test
+/// that asserted nothing. Missing elsewhere: a `skipped: ...` line on stderr
+/// and false; the test returns at once.
+#[must_use = "return from the test when the peer is missing"]
+pub fn require(what: &str, available: bool, install_hint: &str) -> bool {
+    if available {
+        return true;
+    }
+    let current = thread::current();
+    let test = current.name().unwrap_or("this test");
+    assert!(
+        !in_ci(),
+        "{test} needs {what}, which is missing; under CI that is a failure, not a skip ({install_hint})"
+    );
+    eprintln!("skipped: {test} needs {what}, which is missing ({install_hint})");
+    false
+}
+
 /// A block of `n` consecutive free loopback ports, reserved for this test
 /// process.
 ///
