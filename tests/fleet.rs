@@ -12,10 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 fn route(name: &str, port: u16, target: SocketAddr, extra: &str) -> String {
     format!("\n[[route]]\nname = \"{name}\"\nport = {port}\ntarget = \"{target}\"\n{extra}\n")
 }
@@ -452,18 +448,6 @@ fn real_prometheus_scrapes_portgate() {
     assert!(found, "Prometheus never answered the query with accepted=1; last answer: {last}");
 }
 
-fn proc_status(pid: i32, key: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("{key} not in /proc/{pid}/status"))
-}
-
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
-}
-
 #[test]
 fn a_thousand_reloads_leak_no_descriptors_or_memory() {
     let echo = echo_server();
@@ -483,11 +467,11 @@ fn a_thousand_reloads_leak_no_descriptors_or_memory() {
     for i in 0..100 {
         flip(i);
     }
-    let (fds0, rss0) = (open_fds(pg.pid()), proc_status(pg.pid(), "VmRSS:"));
+    let (fds0, rss0) = (open_fds(pg.pid()), proc_status_kib(pg.pid(), "VmRSS"));
     for i in 100..1100 {
         flip(i);
     }
-    let (fds1, rss1) = (open_fds(pg.pid()), proc_status(pg.pid(), "VmRSS:"));
+    let (fds1, rss1) = (open_fds(pg.pid()), proc_status_kib(pg.pid(), "VmRSS"));
     assert_eq!(fds1, fds0, "descriptors after 1000 reloads");
     assert!(rss1 <= rss0 + 2048, "RSS grew from {rss0} KiB to {rss1} KiB over 1000 reloads");
     assert!(still_echoes(&mut session), "the session on the unchanged route survived");

@@ -256,25 +256,17 @@ struct NsPortgate {
 }
 
 impl NsPortgate {
-    /// `config` must have `[admin] listen = "127.0.0.1:<admin port>"` and JSON logs.
+    /// Start portgate in `ns` with `config` plus the harness's sections (admin
+    /// on the namespace's 127.0.0.1:`admin_port`, JSON logs); wait until ready.
     fn start(ns: &Netns, admin_port: u16, config: &str) -> NsPortgate {
-        let config = format!(
-            "{config}\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n"
-        );
+        let admin = addr(admin_port);
+        let config = with_harness_sections(config, admin);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("portgate.toml");
         std::fs::write(&path, &config).unwrap();
         let ns_file = File::open(ns.path()).unwrap();
         let fd = ns_file.as_raw_fd();
-        let mut cmd = Command::new(BIN);
-        cmd.arg("run")
-            .arg("-c")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .env_remove("RUST_LOG")
-            .env_remove("NOTIFY_SOCKET");
+        let mut cmd = run_command(&path);
         // SAFETY: only async-signal-safe syscalls between fork and exec; `fd`
         // stays open until after spawn returns.
         unsafe {
@@ -290,14 +282,7 @@ impl NsPortgate {
         let mut child = cmd.spawn().expect("spawn portgate in namespace");
         drop(ns_file);
         let logs = LogBuf::capture(child.stderr.take().unwrap());
-        let pg = NsPortgate {
-            child,
-            ns_path: ns.path(),
-            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
-            config,
-            logs,
-            _dir: dir,
-        };
+        let pg = NsPortgate { child, ns_path: ns.path(), admin, config, logs, _dir: dir };
         pg.wait_line(|l| l.contains("portgate ready"), 1, SOON);
         pg
     }
@@ -343,14 +328,7 @@ impl Drop for NsPortgate {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if thread::panicking() {
-            eprintln!("---- portgate config (in {}) ----\n{}", self.ns_path, self.config);
-            eprintln!("---- portgate log ----");
-            for l in self.logs.lines().iter() {
-                eprintln!("{l}");
-            }
-            eprintln!("---- end ----");
-        }
+        self.logs.dump_if_failing(&format!("in {}", self.ns_path), &self.config);
     }
 }
 
@@ -358,16 +336,9 @@ impl Drop for NsPortgate {
 // Small helpers
 // ---------------------------------------------------------------------------
 
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// One kB-valued field of /proc/PID/status (VmRSS, VmHWM), in bytes.
 fn proc_status_bytes(pid: i32, key: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = text.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key}"));
-    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kib * 1024
+    proc_status_kib(pid, key) * 1024
 }
 
 /// A deterministic byte stream, addressable by offset: a writer and a reader
@@ -465,7 +436,7 @@ target = "{live_target}"
                 if done.load(Ordering::SeqCst) || started.elapsed() > Duration::from_secs(8) {
                     break;
                 }
-                let mut s = TcpStream::connect_timeout(&loopback(8001), SOON).unwrap();
+                let mut s = TcpStream::connect_timeout(&addr(8001), SOON).unwrap();
                 let connected = Instant::now();
                 let idx = {
                     let mut h = holes.lock().unwrap();
@@ -510,7 +481,7 @@ target = "{live_target}"
             .map(|i| {
                 let start = Instant::now();
                 let data = pattern(64 << 10, i);
-                let back = roundtrip(connect(loopback(8002)), &data);
+                let back = roundtrip(connect(addr(8002)), &data);
                 assert!(back == data, "live session {i}: bytes differ");
                 (start, Instant::now())
             })
@@ -890,7 +861,7 @@ fn target_reset_mid_stream_reaches_the_client_as_a_reset() {
     let port = free_port();
     let pg = Portgate::start(&loopback_config(port, target));
 
-    let mut c = connect(loopback(port));
+    let mut c = connect(addr(port));
     let mut hello = [0u8; 5];
     c.read_exact(&mut hello).unwrap();
     assert_eq!(&hello, b"hello");
@@ -947,7 +918,7 @@ fn target_that_stops_reading_gets_backpressure_not_buffering() {
 
     // Write until the writes stall for a full second (backpressure reached
     // the client), for at most 5 s or 200 MiB.
-    let mut c = connect(loopback(port));
+    let mut c = connect(addr(port));
     c.set_write_timeout(Some(Duration::from_millis(250))).unwrap();
     let mut buf = vec![0u8; 256 << 10];
     let mut off = buf.len();

@@ -10,10 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use portgate::proxy_protocol::{encode_v1, encode_v2, Command};
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 #[test]
 fn routes_several_ports_byte_exact_in_parallel() {
     let echo_a = echo_server();

@@ -102,18 +102,6 @@ fn config(base: u16, echo: SocketAddr, flip: bool) -> String {
     c
 }
 
-fn rss_kib(pid: i32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
-}
-
 /// Run one phase of load for `secs`; returns (sessions verified, errors).
 async fn phase(pg: Arc<Portgate>, base: u16, echo: SocketAddr, secs: u64) -> (u64, Vec<String>) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -229,7 +217,7 @@ fn soak_sessions_churn_and_reloads() {
     assert!(errors.is_empty(), "warm-up errors: {errors:#?}");
     assert!(ok > 0);
     wait_idle(&pg);
-    let (fds0, rss0) = (open_fds(pid), rss_kib(pid));
+    let (fds0, rss0) = (open_fds(pid), proc_status_kib(pid, "VmRSS"));
 
     let (ok, errors) = rt.block_on(phase(Arc::clone(&pg), base, echo, secs));
     assert!(
@@ -239,7 +227,7 @@ fn soak_sessions_churn_and_reloads() {
         &errors[..errors.len().min(20)]
     );
     wait_idle(&pg);
-    let (fds1, rss1) = (open_fds(pid), rss_kib(pid));
+    let (fds1, rss1) = (open_fds(pid), proc_status_kib(pid, "VmRSS"));
     eprintln!(
         "soak: {ok} churn sessions verified in {secs}s; fds {fds0} -> {fds1}; RSS {rss0} -> {rss1} KiB"
     );

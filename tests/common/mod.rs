@@ -48,6 +48,11 @@ pub fn require(what: &str, available: bool, install_hint: &str) -> bool {
     false
 }
 
+/// `127.0.0.1:port`.
+pub fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
 /// A block of `n` consecutive free loopback ports, reserved for this test
 /// process.
 ///
@@ -121,6 +126,21 @@ impl LogBuf {
         logs
     }
 
+    /// On a failing (panicking) test, print the config (from `source`) and
+    /// every line; otherwise nothing.
+    pub fn dump_if_failing(&self, source: &str, config: &str) {
+        if !thread::panicking() {
+            return;
+        }
+        eprintln!("---- portgate config ({source}) ----");
+        eprintln!("{config}");
+        eprintln!("---- portgate log ----");
+        for l in self.lines.lock().unwrap().iter() {
+            eprintln!("{l}");
+        }
+        eprintln!("---- end ----");
+    }
+
     pub fn len(&self) -> usize {
         self.lines.lock().unwrap().len()
     }
@@ -183,6 +203,21 @@ pub fn with_harness_sections(config: &str, admin: SocketAddr) -> String {
     c
 }
 
+/// `portgate run -c config_path`, its stderr piped (for [`LogBuf::capture`]),
+/// and none of this shell's RUST_LOG or NOTIFY_SOCKET.
+pub fn run_command(config_path: &std::path::Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run")
+        .arg("-c")
+        .arg(config_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET");
+    cmd
+}
+
 impl Portgate {
     /// Write `config` (adding admin and JSON log sections if missing), start
     /// the binary and wait until it is ready.
@@ -203,14 +238,7 @@ impl Portgate {
         let text = with_harness_sections(config, admin);
         let config_path = dir.path().join("portgate.toml");
         std::fs::write(&config_path, &text).unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.arg("run")
-            .arg("-c")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        cmd.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET");
+        let mut cmd = run_command(&config_path);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -328,15 +356,8 @@ impl Drop for Portgate {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if thread::panicking() {
-            eprintln!("---- portgate config ({}) ----", self.config_path.display());
-            eprintln!("{}", self.config_text.lock().unwrap());
-            eprintln!("---- portgate log ----");
-            for l in self.logs.lines.lock().unwrap().iter() {
-                eprintln!("{l}");
-            }
-            eprintln!("---- end ----");
-        }
+        let config = self.config_text.lock().unwrap();
+        self.logs.dump_if_failing(&self.config_path.display().to_string(), &config);
     }
 }
 
@@ -477,4 +498,18 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
+}
+
+/// One kB-valued field of /proc/PID/status (`VmRSS`, `VmHWM`), in KiB.
+pub fn proc_status_kib(pid: i32, key: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{key} not in /proc/{pid}/status"))
+}
+
+/// How many descriptors process `pid` has open.
+pub fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
 }
