@@ -38,11 +38,13 @@ fn counting_echo() -> (SocketAddr, Arc<AtomicUsize>) {
 fn slowloris_clients_are_cut_at_header_timeout_and_cost_no_target_connection() {
     let (target, dials) = counting_echo();
     let port = free_port();
-    let pg = Portgate::start(&format!(
-        "[listen]\naddress = \"127.0.0.1\"\n[proxy_protocol]\nmode = \"required\"\ntrusted = [\"127.0.0.1/32\"]\n\
-         header_timeout = \"700ms\"\n[access]\nallow = [\"10.0.0.0/8\"]\n\
-         [[route]]\nname = \"r\"\nport = {port}\ntarget = \"{target}\"\n"
-    ));
+    let pg = Portgate::start(
+        Config::loopback()
+            .proxy_required(&["127.0.0.1/32"])
+            .set("proxy_protocol", "header_timeout", "700ms")
+            .allow(&["10.0.0.0/8"])
+            .route("r", port, target),
+    );
     let header = encode_v2(
         PpCommand::Proxy,
         Some(("10.1.1.1:1".parse().unwrap(), "10.0.0.1:22".parse().unwrap())),
@@ -74,10 +76,7 @@ fn slowloris_clients_are_cut_at_header_timeout_and_cost_no_target_connection() {
 fn one_flooding_source_cannot_starve_others() {
     let (target, _) = counting_echo();
     let port = free_port();
-    let pg = Portgate::start(&format!(
-        "[listen]\naddress = \"127.0.0.1\"\n[access]\nallow = [\"127.0.0.0/8\"]\nmax_per_source = 2\n\
-         [[route]]\nname = \"r\"\nport = {port}\ntarget = \"{target}\"\n"
-    ));
+    let pg = Portgate::start(Config::loopback().set("access", "max_per_source", 2).route("r", port, target));
     let open = |from: &str| {
         let mut s = connect_from(from, addr(port));
         s.write_all(b"x").unwrap();
@@ -108,10 +107,11 @@ fn descriptor_exhaustion_is_survived_logged_once_and_recovered() {
     let dir = tempfile::tempdir().unwrap();
     let admin = free_port();
     let cfg = dir.path().join("p.toml");
-    let config = format!(
-        "[listen]\naddress = \"127.0.0.1\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[log]\nformat = \"json\"\n\
-         [access]\nallow = [\"127.0.0.0/8\"]\n[[route]]\nname = \"r\"\nport = {port}\ntarget = \"{echo}\"\n"
-    );
+    let config = Config::loopback()
+        .set("admin", "listen", addr(admin))
+        .set("log", "format", "json")
+        .route("r", port, echo)
+        .to_string();
     std::fs::write(&cfg, &config).unwrap();
     /// Killed at the end; on a failure its config and log are printed.
     struct Node {
@@ -171,10 +171,7 @@ fn descriptor_exhaustion_is_survived_logged_once_and_recovered() {
 fn kill_9_and_restart_under_load() {
     let echo = echo_server();
     let port = free_port();
-    let config = format!(
-        "[listen]\naddress = \"127.0.0.1\"\n[access]\nallow = [\"127.0.0.0/8\"]\n\
-         [[route]]\nname = \"r\"\nport = {port}\ntarget = \"{echo}\"\n"
-    );
+    let config = Config::loopback().route("r", port, echo);
     let first = Portgate::start(&config);
     let stop = Arc::new(AtomicBool::new(false));
     let ok_after = Arc::new(AtomicUsize::new(0));

@@ -258,7 +258,7 @@ struct NsPortgate {
 impl NsPortgate {
     /// Start portgate in `ns` with `config` plus the harness's sections (admin
     /// on the namespace's 127.0.0.1:`admin_port`, JSON logs); wait until ready.
-    fn start(ns: &Netns, admin_port: u16, config: &str) -> NsPortgate {
+    fn start(ns: &Netns, admin_port: u16, config: impl std::fmt::Display) -> NsPortgate {
         let admin = addr(admin_port);
         let config = with_harness_sections(config, admin);
         let dir = tempfile::tempdir().unwrap();
@@ -399,28 +399,11 @@ fn syn_black_hole_closes_the_client_promptly_and_other_routes_keep_working() {
     .unwrap();
     // A live echo on the same host, another port.
     let live_target = t.run(|| echo_server_on("10.250.1.2:0"));
-    let pg = NsPortgate::start(
-        &p,
-        9090,
-        &format!(
-            r#"
-[listen]
-address = "127.0.0.1"
-[access]
-allow = ["127.0.0.0/8"]
-[timeouts]
-connect = "500ms"
-[[route]]
-name = "hole"
-port = 8001
-target = "10.250.1.2:22"
-[[route]]
-name = "live"
-port = 8002
-target = "{live_target}"
-"#
-        ),
-    );
+    let config = Config::loopback()
+        .set("timeouts", "connect", "500ms")
+        .route("hole", 8001, "10.250.1.2:22")
+        .route("live", 8002, live_target);
+    let pg = NsPortgate::start(&p, 9090, config);
 
     // Keep black-hole dials pending the whole time the live route is used: a
     // new hole client every 50 ms (each stays pending >= 500 ms) until the
@@ -603,34 +586,18 @@ fn nlb_idle_timeout_kills_an_idle_flow_unless_keepalive_refreshes_it() {
     let (c, r, p) = nlb_path("idle");
     // The target: an echo on the portgate host's loopback.
     let echo = p.run(|| echo_server_on("127.0.0.1:0"));
-    let config = |port: u16, name: &str, keepalive: &str| {
-        format!(
-            r#"
-[listen]
-address = "10.250.20.2"
-[access]
-allow = ["10.250.10.2/32"]
-[keepalive]
-{keepalive}
-[[route]]
-name = "{name}"
-port = {port}
-target = "{echo}"
-"#
-        )
+    // keepalive is (time, interval, idle_timeout_limit).
+    let config = |port: u16, name: &str, (time, interval, limit): (&str, &str, &str)| {
+        Config::listen("10.250.20.2", &["10.250.10.2/32"])
+            .set("keepalive", "time", time)
+            .set("keepalive", "interval", interval)
+            .set("keepalive", "idle_timeout_limit", limit)
+            .route(name, port, echo)
     };
     // (a) keepalive far above T, as with the defaults behind a 350 s NLB.
-    let pg_a = NsPortgate::start(
-        &p,
-        9090,
-        &config(8000, "slow-keepalive", "time = \"60s\"\ninterval = \"15s\"\nidle_timeout_limit = \"350s\""),
-    );
+    let pg_a = NsPortgate::start(&p, 9090, config(8000, "slow-keepalive", ("60s", "15s", "350s")));
     // (b) keepalive below T.
-    let pg_b = NsPortgate::start(
-        &p,
-        9091,
-        &config(8001, "fast-keepalive", "time = \"1s\"\ninterval = \"1s\"\nidle_timeout_limit = \"3s\""),
-    );
+    let pg_b = NsPortgate::start(&p, 9091, config(8001, "fast-keepalive", ("1s", "1s", "3s")));
 
     // Both sessions, from the client namespace through the router.
     let (mut a, mut b) = c
@@ -738,23 +705,12 @@ fn cut_flow(tag: &str, target_sends: bool, wait: Duration) -> DeadFlow {
     let pg = NsPortgate::start(
         &p,
         9090,
-        &format!(
-            r#"
-[listen]
-address = "10.250.20.2"
-[access]
-allow = ["10.250.10.2/32"]
-[keepalive]
-time = "1s"
-interval = "1s"
-retries = 2
-idle_timeout_limit = "3s"
-[[route]]
-name = "d"
-port = 8000
-target = "{target}"
-"#
-        ),
+        Config::listen("10.250.20.2", &["10.250.10.2/32"])
+            .set("keepalive", "time", "1s")
+            .set("keepalive", "interval", "1s")
+            .set("keepalive", "retries", 2)
+            .set("keepalive", "idle_timeout_limit", "3s")
+            .route("d", 8000, target),
     );
     let mut s = c.run(|| connect("10.250.20.2:8000".parse().unwrap()));
     let mut hi = [0u8; 2];
@@ -827,21 +783,6 @@ fn a_dead_flow_with_unacknowledged_data_is_reaped_in_keepalive_time() {
 // 3. Loopback faults
 // ---------------------------------------------------------------------------
 
-fn loopback_config(port: u16, target: SocketAddr) -> String {
-    format!(
-        r#"
-[listen]
-address = "127.0.0.1"
-[access]
-allow = ["127.0.0.0/8"]
-[[route]]
-name = "r"
-port = {port}
-target = "{target}"
-"#
-    )
-}
-
 #[test]
 fn target_reset_mid_stream_reaches_the_client_as_a_reset() {
     // The target greets, reads exactly 1000 bytes, then resets (SO_LINGER 0).
@@ -859,7 +800,7 @@ fn target_reset_mid_stream_reaches_the_client_as_a_reset() {
         tx.send(got).unwrap();
     });
     let port = free_port();
-    let pg = Portgate::start(&loopback_config(port, target));
+    let pg = Portgate::start(Config::loopback().route("r", port, target));
 
     let mut c = connect(addr(port));
     let mut hello = [0u8; 5];
@@ -912,7 +853,7 @@ fn target_that_stops_reading_gets_backpressure_not_buffering() {
         }
     });
     let port = free_port();
-    let pg = Portgate::start(&loopback_config(port, target));
+    let pg = Portgate::start(Config::loopback().route("r", port, target));
     let pid = pg.pid();
     let rss_start = proc_status_bytes(pid, "VmRSS");
 

@@ -7,6 +7,13 @@
 
 #![allow(dead_code)]
 
+mod config;
+
+// Each test binary uses what it needs of the harness, as with dead_code above.
+#[allow(unused_imports)]
+pub use config::{Config, Route};
+
+use std::fmt::Display;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -192,7 +199,7 @@ pub struct Portgate {
 }
 
 /// Fill in the `[admin]` and `[log]` sections the harness relies on.
-pub fn with_harness_sections(config: &str, admin: SocketAddr) -> String {
+pub fn with_harness_sections(config: impl Display, admin: SocketAddr) -> String {
     let mut c = config.to_string();
     if !c.contains("[admin]") {
         c.push_str(&format!("\n[admin]\nlisten = \"{admin}\"\n"));
@@ -219,20 +226,20 @@ pub fn run_command(config_path: &std::path::Path) -> Command {
 }
 
 impl Portgate {
-    /// Write `config` (adding admin and JSON log sections if missing), start
-    /// the binary and wait until it is ready.
-    pub fn start(config: &str) -> Portgate {
+    /// Write `config` (text or a [`Config`]; admin and JSON log sections
+    /// added if missing), start the binary and wait until it is ready.
+    pub fn start(config: impl Display) -> Portgate {
         Self::start_with(config, &[])
     }
 
-    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Portgate {
+    pub fn start_with(config: impl Display, env: &[(&str, &str)]) -> Portgate {
         let pg = Self::spawn(config, env);
         pg.wait_log(|l| l.contains("portgate ready"), SOON);
         pg
     }
 
     /// Spawn without waiting for readiness.
-    pub fn spawn(config: &str, env: &[(&str, &str)]) -> Portgate {
+    pub fn spawn(config: impl Display, env: &[(&str, &str)]) -> Portgate {
         let dir = tempfile::tempdir().expect("tempdir");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let text = with_harness_sections(config, admin);
@@ -252,7 +259,7 @@ impl Portgate {
     }
 
     /// Replace the config file (harness sections added as at start).
-    pub fn write_config(&self, config: &str) {
+    pub fn write_config(&self, config: impl Display) {
         let text = with_harness_sections(config, self.admin);
         std::fs::write(&self.config_path, &text).unwrap();
         *self.config_text.lock().unwrap() = text;
