@@ -14,20 +14,27 @@ pub trait Toml {
     fn toml(&self) -> String;
 }
 
+/// `s` as a TOML basic string: `"` and `\` escaped, newlines as `\n`, any
+/// other control character as `\UXXXXXXXX`.
+pub fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if c.is_control() => out.push_str(&format!("\\U{:08x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 impl Toml for &str {
     fn toml(&self) -> String {
-        let mut out = String::with_capacity(self.len() + 2);
-        out.push('"');
-        for c in self.chars() {
-            match c {
-                '"' => out.push_str("\\\""),
-                '\\' => out.push_str("\\\\"),
-                '\n' => out.push_str("\\n"),
-                c => out.push(c),
-            }
-        }
-        out.push('"');
-        out
+        toml_string(self)
     }
 }
 
