@@ -12,6 +12,8 @@
 //! The PROXY header round trip lives with its parser, in
 //! `src/proxy_protocol.rs`.
 
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -200,18 +202,7 @@ fn toml_str(s: &str, literal: bool) -> String {
     if literal && !s.contains(['\'', '\n', '\r']) && !s.chars().any(|c| c.is_control() && c != '\t') {
         return format!("'{s}'");
     }
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c if c.is_control() => out.push_str(&format!("\\U{:08x}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    common::toml_string(s)
 }
 
 /// A duration of whole `h m s` and optionally `ms us` parts, written with

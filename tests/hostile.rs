@@ -14,10 +14,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use portgate::proxy_protocol::{encode_v2, Command as PpCommand};
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// A target that counts the connections it receives and echoes them.
 fn counting_echo() -> (SocketAddr, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -42,11 +38,13 @@ fn counting_echo() -> (SocketAddr, Arc<AtomicUsize>) {
 fn slowloris_clients_are_cut_at_header_timeout_and_cost_no_target_connection() {
     let (target, dials) = counting_echo();
     let port = free_port();
-    let pg = Portgate::start(&format!(
-        "[listen]\naddress = \"127.0.0.1\"\n[proxy_protocol]\nmode = \"required\"\ntrusted = [\"127.0.0.1/32\"]\n\
-         header_timeout = \"700ms\"\n[access]\nallow = [\"10.0.0.0/8\"]\n\
-         [[route]]\nname = \"r\"\nport = {port}\ntarget = \"{target}\"\n"
-    ));
+    let pg = Portgate::start(
+        Config::loopback()
+            .proxy_required(&["127.0.0.1/32"])
+            .set("proxy_protocol", "header_timeout", "700ms")
+            .allow(&["10.0.0.0/8"])
+            .route("r", port, target),
+    );
     let header = encode_v2(
         PpCommand::Proxy,
         Some(("10.1.1.1:1".parse().unwrap(), "10.0.0.1:22".parse().unwrap())),
@@ -78,10 +76,7 @@ fn slowloris_clients_are_cut_at_header_timeout_and_cost_no_target_connection() {
 fn one_flooding_source_cannot_starve_others() {
     let (target, _) = counting_echo();
     let port = free_port();
-    let pg = Portgate::start(&format!(
-        "[listen]\naddress = \"127.0.0.1\"\n[access]\nallow = [\"127.0.0.0/8\"]\nmax_per_source = 2\n\
-         [[route]]\nname = \"r\"\nport = {port}\ntarget = \"{target}\"\n"
-    ));
+    let pg = Portgate::start(Config::loopback().set("access", "max_per_source", 2).route("r", port, target));
     let open = |from: &str| {
         let mut s = connect_from(from, addr(port));
         s.write_all(b"x").unwrap();
@@ -112,19 +107,23 @@ fn descriptor_exhaustion_is_survived_logged_once_and_recovered() {
     let dir = tempfile::tempdir().unwrap();
     let admin = free_port();
     let cfg = dir.path().join("p.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[listen]\naddress = \"127.0.0.1\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[log]\nformat = \"json\"\n\
-             [access]\nallow = [\"127.0.0.0/8\"]\n[[route]]\nname = \"r\"\nport = {port}\ntarget = \"{echo}\"\n"
-        ),
-    )
-    .unwrap();
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
+    let config = Config::loopback()
+        .set("admin", "listen", addr(admin))
+        .set("log", "format", "json")
+        .route("r", port, echo)
+        .to_string();
+    std::fs::write(&cfg, &config).unwrap();
+    /// Killed at the end; on a failure its config and log are printed.
+    struct Node {
+        child: std::process::Child,
+        logs: Arc<LogBuf>,
+        config: String,
+    }
+    impl Drop for Node {
         fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.logs.dump_if_failing("under prlimit --nofile=128:128", &self.config);
         }
     }
     let mut child = Command::new("prlimit")
@@ -137,36 +136,19 @@ fn descriptor_exhaustion_is_survived_logged_once_and_recovered() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("prlimit (util-linux)");
-    let stderr = child.stderr.take().unwrap();
-    let mut child = KillOnDrop(child);
-    let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let sink = Arc::clone(&lines);
-    thread::spawn(move || {
-        use std::io::BufRead;
-        for l in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(l);
-        }
-    });
-    let wait_for = |pred: &dyn Fn(&str) -> bool| {
-        let deadline = Instant::now() + SOON;
-        while Instant::now() < deadline {
-            if lines.lock().unwrap().iter().any(|l| pred(l)) {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        panic!("log line not seen; log:\n{}", lines.lock().unwrap().join("\n"));
-    };
-    wait_for(&|l| l.contains("portgate ready"));
+    let logs = LogBuf::capture(child.stderr.take().unwrap());
+    let mut node = Node { child, logs: Arc::clone(&logs), config };
+    let wait_for = |pred: fn(&str) -> bool| logs.wait_from(0, pred, 1, SOON);
+    wait_for(|l| l.contains("portgate ready"));
     // Far more sessions than 128 descriptors allow (two per session).
     let mut held = Vec::new();
     for _ in 0..150 {
         held.push(connect(addr(port)));
     }
-    wait_for(&|l| l.contains("out of file descriptors"));
+    wait_for(|l| l.contains("out of file descriptors"));
     // Still alive, still answering its admin port? Descriptors are exhausted, so
     // only check the process is alive, then free descriptors.
-    assert!(child.0.try_wait().unwrap().is_none(), "portgate died under descriptor exhaustion");
+    assert!(node.child.try_wait().unwrap().is_none(), "portgate died under descriptor exhaustion");
     drop(held);
     // Serves again as soon as descriptors free up.
     let deadline = Instant::now() + SOON;
@@ -178,20 +160,18 @@ fn descriptor_exhaustion_is_survived_logged_once_and_recovered() {
         assert!(Instant::now() < deadline, "portgate did not recover");
         thread::sleep(Duration::from_millis(50));
     }
-    wait_for(&|l| l.contains("accepting connections again"));
-    let starved = lines.lock().unwrap().iter().filter(|l| l.contains("out of file descriptors")).count();
-    assert_eq!(starved, 1, "logged once per exhaustion episode:\n{}", lines.lock().unwrap().join("\n"));
-    drop(child);
+    wait_for(|l| l.contains("accepting connections again"));
+    let lines = logs.lines();
+    let starved = lines.iter().filter(|l| l.contains("out of file descriptors")).count();
+    assert_eq!(starved, 1, "logged once per exhaustion episode:\n{}", lines.join("\n"));
+    drop(node);
 }
 
 #[test]
 fn kill_9_and_restart_under_load() {
     let echo = echo_server();
     let port = free_port();
-    let config = format!(
-        "[listen]\naddress = \"127.0.0.1\"\n[access]\nallow = [\"127.0.0.0/8\"]\n\
-         [[route]]\nname = \"r\"\nport = {port}\ntarget = \"{echo}\"\n"
-    );
+    let config = Config::loopback().route("r", port, echo);
     let first = Portgate::start(&config);
     let stop = Arc::new(AtomicBool::new(false));
     let ok_after = Arc::new(AtomicUsize::new(0));

@@ -228,20 +228,16 @@ fn probe_netns() -> Result<(), String> {
     Ok(())
 }
 
-/// True to go ahead; false (after saying why) to skip. Under CI a missing
-/// capability is a failure.
-fn netns_or_skip(test: &str) -> bool {
-    match probe_netns() {
-        Ok(()) => true,
-        Err(why) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{test}: network namespaces and nftables must work in CI (root, iproute2, nftables): {why}"
-            );
-            eprintln!("skipped {test}: network namespaces or nftables unavailable: {why}");
-            false
-        }
-    }
+/// True to go ahead; false (after [`require`] said why) to skip. Under CI a
+/// missing capability is a failure.
+fn have_netns() -> bool {
+    let probe = probe_netns();
+    let why = probe.as_ref().err().map_or("", String::as_str);
+    require(
+        &format!("network namespaces with nftables ({why})"),
+        probe.is_ok(),
+        "run as root; apt-get install iproute2 nftables",
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -260,25 +256,17 @@ struct NsPortgate {
 }
 
 impl NsPortgate {
-    /// `config` must have `[admin] listen = "127.0.0.1:<admin port>"` and JSON logs.
-    fn start(ns: &Netns, admin_port: u16, config: &str) -> NsPortgate {
-        let config = format!(
-            "{config}\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n"
-        );
+    /// Start portgate in `ns` with `config` plus the harness's sections (admin
+    /// on the namespace's 127.0.0.1:`admin_port`, JSON logs); wait until ready.
+    fn start(ns: &Netns, admin_port: u16, config: impl std::fmt::Display) -> NsPortgate {
+        let admin = addr(admin_port);
+        let config = with_harness_sections(config, admin);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("portgate.toml");
         std::fs::write(&path, &config).unwrap();
         let ns_file = File::open(ns.path()).unwrap();
         let fd = ns_file.as_raw_fd();
-        let mut cmd = Command::new(BIN);
-        cmd.arg("run")
-            .arg("-c")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .env_remove("RUST_LOG")
-            .env_remove("NOTIFY_SOCKET");
+        let mut cmd = run_command(&path);
         // SAFETY: only async-signal-safe syscalls between fork and exec; `fd`
         // stays open until after spawn returns.
         unsafe {
@@ -294,14 +282,7 @@ impl NsPortgate {
         let mut child = cmd.spawn().expect("spawn portgate in namespace");
         drop(ns_file);
         let logs = LogBuf::capture(child.stderr.take().unwrap());
-        let pg = NsPortgate {
-            child,
-            ns_path: ns.path(),
-            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
-            config,
-            logs,
-            _dir: dir,
-        };
+        let pg = NsPortgate { child, ns_path: ns.path(), admin, config, logs, _dir: dir };
         pg.wait_line(|l| l.contains("portgate ready"), 1, SOON);
         pg
     }
@@ -347,14 +328,7 @@ impl Drop for NsPortgate {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if thread::panicking() {
-            eprintln!("---- portgate config (in {}) ----\n{}", self.ns_path, self.config);
-            eprintln!("---- portgate log ----");
-            for l in self.logs.lines().iter() {
-                eprintln!("{l}");
-            }
-            eprintln!("---- end ----");
-        }
+        self.logs.dump_if_failing(&format!("in {}", self.ns_path), &self.config);
     }
 }
 
@@ -362,16 +336,9 @@ impl Drop for NsPortgate {
 // Small helpers
 // ---------------------------------------------------------------------------
 
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// One kB-valued field of /proc/PID/status (VmRSS, VmHWM), in bytes.
 fn proc_status_bytes(pid: i32, key: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = text.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key}"));
-    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kib * 1024
+    proc_status_kib(pid, key) * 1024
 }
 
 /// A deterministic byte stream, addressable by offset: a writer and a reader
@@ -418,7 +385,7 @@ struct HoleClient {
 
 #[test]
 fn syn_black_hole_closes_the_client_promptly_and_other_routes_keep_working() {
-    if !netns_or_skip("syn_black_hole") {
+    if !have_netns() {
         return;
     }
     // portgate + clients in "p"; the target host 10.250.1.2 in "t", where an
@@ -432,28 +399,11 @@ fn syn_black_hole_closes_the_client_promptly_and_other_routes_keep_working() {
     .unwrap();
     // A live echo on the same host, another port.
     let live_target = t.run(|| echo_server_on("10.250.1.2:0"));
-    let pg = NsPortgate::start(
-        &p,
-        9090,
-        &format!(
-            r#"
-[listen]
-address = "127.0.0.1"
-[access]
-allow = ["127.0.0.0/8"]
-[timeouts]
-connect = "500ms"
-[[route]]
-name = "hole"
-port = 8001
-target = "10.250.1.2:22"
-[[route]]
-name = "live"
-port = 8002
-target = "{live_target}"
-"#
-        ),
-    );
+    let config = Config::loopback()
+        .set("timeouts", "connect", "500ms")
+        .route("hole", 8001, "10.250.1.2:22")
+        .route("live", 8002, live_target);
+    let pg = NsPortgate::start(&p, 9090, config);
 
     // Keep black-hole dials pending the whole time the live route is used: a
     // new hole client every 50 ms (each stays pending >= 500 ms) until the
@@ -469,7 +419,7 @@ target = "{live_target}"
                 if done.load(Ordering::SeqCst) || started.elapsed() > Duration::from_secs(8) {
                     break;
                 }
-                let mut s = TcpStream::connect_timeout(&loopback(8001), SOON).unwrap();
+                let mut s = TcpStream::connect_timeout(&addr(8001), SOON).unwrap();
                 let connected = Instant::now();
                 let idx = {
                     let mut h = holes.lock().unwrap();
@@ -514,7 +464,7 @@ target = "{live_target}"
             .map(|i| {
                 let start = Instant::now();
                 let data = pattern(64 << 10, i);
-                let back = roundtrip(connect(loopback(8002)), &data);
+                let back = roundtrip(connect(addr(8002)), &data);
                 assert!(back == data, "live session {i}: bytes differ");
                 (start, Instant::now())
             })
@@ -630,40 +580,24 @@ fn nlb_path(tag: &str) -> (Netns, Netns, Netns) {
 
 #[test]
 fn nlb_idle_timeout_kills_an_idle_flow_unless_keepalive_refreshes_it() {
-    if !netns_or_skip("nlb_idle_timeout") {
+    if !have_netns() {
         return;
     }
     let (c, r, p) = nlb_path("idle");
     // The target: an echo on the portgate host's loopback.
     let echo = p.run(|| echo_server_on("127.0.0.1:0"));
-    let config = |port: u16, name: &str, keepalive: &str| {
-        format!(
-            r#"
-[listen]
-address = "10.250.20.2"
-[access]
-allow = ["10.250.10.2/32"]
-[keepalive]
-{keepalive}
-[[route]]
-name = "{name}"
-port = {port}
-target = "{echo}"
-"#
-        )
+    // keepalive is (time, interval, idle_timeout_limit).
+    let config = |port: u16, name: &str, (time, interval, limit): (&str, &str, &str)| {
+        Config::listen("10.250.20.2", &["10.250.10.2/32"])
+            .set("keepalive", "time", time)
+            .set("keepalive", "interval", interval)
+            .set("keepalive", "idle_timeout_limit", limit)
+            .route(name, port, echo)
     };
     // (a) keepalive far above T, as with the defaults behind a 350 s NLB.
-    let pg_a = NsPortgate::start(
-        &p,
-        9090,
-        &config(8000, "slow-keepalive", "time = \"60s\"\ninterval = \"15s\"\nidle_timeout_limit = \"350s\""),
-    );
+    let pg_a = NsPortgate::start(&p, 9090, config(8000, "slow-keepalive", ("60s", "15s", "350s")));
     // (b) keepalive below T.
-    let pg_b = NsPortgate::start(
-        &p,
-        9091,
-        &config(8001, "fast-keepalive", "time = \"1s\"\ninterval = \"1s\"\nidle_timeout_limit = \"3s\""),
-    );
+    let pg_b = NsPortgate::start(&p, 9091, config(8001, "fast-keepalive", ("1s", "1s", "3s")));
 
     // Both sessions, from the client namespace through the router.
     let (mut a, mut b) = c
@@ -771,23 +705,12 @@ fn cut_flow(tag: &str, target_sends: bool, wait: Duration) -> DeadFlow {
     let pg = NsPortgate::start(
         &p,
         9090,
-        &format!(
-            r#"
-[listen]
-address = "10.250.20.2"
-[access]
-allow = ["10.250.10.2/32"]
-[keepalive]
-time = "1s"
-interval = "1s"
-retries = 2
-idle_timeout_limit = "3s"
-[[route]]
-name = "d"
-port = 8000
-target = "{target}"
-"#
-        ),
+        Config::listen("10.250.20.2", &["10.250.10.2/32"])
+            .set("keepalive", "time", "1s")
+            .set("keepalive", "interval", "1s")
+            .set("keepalive", "retries", 2)
+            .set("keepalive", "idle_timeout_limit", "3s")
+            .route("d", 8000, target),
     );
     let mut s = c.run(|| connect("10.250.20.2:8000".parse().unwrap()));
     let mut hi = [0u8; 2];
@@ -821,7 +744,7 @@ const KEEPALIVE_GIVES_UP: Duration = Duration::from_secs(3);
 
 #[test]
 fn a_dead_idle_flow_is_reaped_by_keepalive() {
-    if !netns_or_skip("dead_idle_flow") {
+    if !have_netns() {
         return;
     }
     let d = cut_flow("dead", false, Duration::from_secs(10));
@@ -845,7 +768,7 @@ fn a_dead_idle_flow_is_reaped_by_keepalive() {
 /// holding the route's connection slot and two descriptors all that time.
 #[test]
 fn a_dead_flow_with_unacknowledged_data_is_reaped_in_keepalive_time() {
-    if !netns_or_skip("dead_busy_flow") {
+    if !have_netns() {
         return;
     }
     let d = cut_flow("busy", true, Duration::from_secs(10));
@@ -859,21 +782,6 @@ fn a_dead_flow_with_unacknowledged_data_is_reaped_in_keepalive_time() {
 // ---------------------------------------------------------------------------
 // 3. Loopback faults
 // ---------------------------------------------------------------------------
-
-fn loopback_config(port: u16, target: SocketAddr) -> String {
-    format!(
-        r#"
-[listen]
-address = "127.0.0.1"
-[access]
-allow = ["127.0.0.0/8"]
-[[route]]
-name = "r"
-port = {port}
-target = "{target}"
-"#
-    )
-}
 
 #[test]
 fn target_reset_mid_stream_reaches_the_client_as_a_reset() {
@@ -892,9 +800,9 @@ fn target_reset_mid_stream_reaches_the_client_as_a_reset() {
         tx.send(got).unwrap();
     });
     let port = free_port();
-    let pg = Portgate::start(&loopback_config(port, target));
+    let pg = Portgate::start(Config::loopback().route("r", port, target));
 
-    let mut c = connect(loopback(port));
+    let mut c = connect(addr(port));
     let mut hello = [0u8; 5];
     c.read_exact(&mut hello).unwrap();
     assert_eq!(&hello, b"hello");
@@ -945,13 +853,13 @@ fn target_that_stops_reading_gets_backpressure_not_buffering() {
         }
     });
     let port = free_port();
-    let pg = Portgate::start(&loopback_config(port, target));
+    let pg = Portgate::start(Config::loopback().route("r", port, target));
     let pid = pg.pid();
     let rss_start = proc_status_bytes(pid, "VmRSS");
 
     // Write until the writes stall for a full second (backpressure reached
     // the client), for at most 5 s or 200 MiB.
-    let mut c = connect(loopback(port));
+    let mut c = connect(addr(port));
     c.set_write_timeout(Some(Duration::from_millis(250))).unwrap();
     let mut buf = vec![0u8; 256 << 10];
     let mut off = buf.len();

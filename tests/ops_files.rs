@@ -5,8 +5,11 @@
 //! Every metric name a query mentions must be one portgate exports, so a
 //! renamed metric breaks this test instead of a dashboard at 3 a.m.
 //!
-//! External tools (`promtool`, `cfn-lint`) are skipped with a line saying so
-//! when missing, and fail the test under `CI`.
+//! External tools (`promtool`, `cfn-lint`) go through the harness's one skip
+//! guard, [`common::require`]: missing, they skip with a line saying so, and
+//! fail the test under `CI`.
+
+mod common;
 
 use std::collections::BTreeSet;
 use std::io::ErrorKind;
@@ -44,16 +47,6 @@ fn read(p: &str) -> String {
     std::fs::read_to_string(repo(p)).unwrap_or_else(|e| panic!("read {p}: {e}"))
 }
 
-fn in_ci() -> bool {
-    std::env::var_os("CI").is_some()
-}
-
-/// A tool is missing: fail under CI, else say that the test is skipped.
-fn missing(tool: &str, install: &str) {
-    assert!(!in_ci(), "{tool} must be installed in CI ({install})");
-    eprintln!("skipped: {tool} is not installed ({install})");
-}
-
 /// Runs `program args` in the repository; `None` when the program does not exist.
 fn run(program: &str, args: &[&str]) -> Option<Output> {
     match Command::new(program).args(args).current_dir(repo("")).output() {
@@ -74,10 +67,11 @@ fn describe(o: &Output) -> String {
 
 fn promtool(args: &[&str]) -> Option<Output> {
     let out = run("promtool", args);
-    if out.is_none() {
-        missing("promtool", "apt-get install prometheus");
+    if common::require("promtool", out.is_some(), "apt-get install prometheus") {
+        out
+    } else {
+        None
     }
-    out
 }
 
 /// `portgate_[a-z_]+` tokens that start a name (not inside another identifier).
@@ -298,10 +292,10 @@ fn cloudformation_template_passes_cfn_lint() {
             _ => None,
         },
     };
-    let Some(out) = out else {
-        missing("cfn-lint", INSTALL);
+    if !common::require("cfn-lint", out.is_some(), INSTALL) {
         return;
-    };
+    }
+    let out = out.unwrap();
     assert!(out.status.success(), "cfn-lint deploy/cloudformation.yaml\n{}", describe(&out));
 }
 

@@ -10,32 +10,12 @@ use std::time::{Duration, Instant};
 use common::*;
 use portgate::proxy_protocol::{encode_v1, encode_v2, Command};
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 #[test]
 fn routes_several_ports_byte_exact_in_parallel() {
     let echo_a = echo_server();
     let echo_b = echo_server();
     let base = free_ports(2);
-    let pg = Portgate::start(&format!(
-        r#"
-[listen]
-address = "127.0.0.1"
-[access]
-allow = ["127.0.0.0/8"]
-[[route]]
-name = "a"
-port = {base}
-target = "{echo_a}"
-[[route]]
-name = "b"
-port = {}
-target = "{echo_b}"
-"#,
-        base + 1
-    ));
+    let pg = Portgate::start(Config::loopback().route("a", base, echo_a).route("b", base + 1, echo_b));
     // 4 parallel sessions per route, 3 MiB each way, distinct data.
     let mut handles = Vec::new();
     for i in 0..8u64 {
@@ -83,20 +63,9 @@ target = "{echo_b}"
 fn unmapped_port_in_range_is_refused_with_no_route() {
     let echo = echo_server();
     let base = free_ports(3);
-    let pg = Portgate::start(&format!(
-        r#"
-[listen]
-address = "127.0.0.1"
-ports = "{base}-{}"
-[access]
-allow = ["127.0.0.0/8"]
-[[route]]
-name = "a"
-port = {base}
-target = "{echo}"
-"#,
-        base + 2
-    ));
+    let pg = Portgate::start(
+        Config::loopback().set("listen", "ports", format!("{base}-{}", base + 2)).route("a", base, echo),
+    );
     let mut s = connect(addr(base + 2));
     s.write_all(b"hello").unwrap();
     expect_closed(s);
@@ -117,24 +86,12 @@ target = "{echo}"
 fn allow_and_deny_by_source_with_route_rules_replacing_access() {
     let echo = echo_server();
     let base = free_ports(2);
-    let pg = Portgate::start(&format!(
-        r#"
-[listen]
-address = "127.0.0.1"
-[access]
-allow = ["127.0.0.2/32"]
-[[route]]
-name = "inherits"
-port = {base}
-target = "{echo}"
-[[route]]
-name = "own-rule"
-port = {}
-target = "{echo}"
-allow = ["127.0.0.3/32"]
-"#,
-        base + 1
-    ));
+    let pg = Portgate::start(
+        Config::loopback()
+            .allow(&["127.0.0.2/32"])
+            .route("inherits", base, echo)
+            .with(Route::new("own-rule", base + 1, echo).set("allow", ["127.0.0.3/32"])),
+    );
     // [access] admits .2 on the inheriting route, refuses .3.
     assert_eq!(roundtrip(connect_from("127.0.0.2", addr(base)), b"x"), b"x");
     let mut s = connect_from("127.0.0.3", addr(base));
@@ -161,19 +118,8 @@ allow = ["127.0.0.3/32"]
 fn max_connections_limits_a_route() {
     let echo = echo_server();
     let port = free_port();
-    let pg = Portgate::start(&format!(
-        r#"
-[listen]
-address = "127.0.0.1"
-[access]
-allow = ["127.0.0.0/8"]
-[[route]]
-name = "one"
-port = {port}
-target = "{echo}"
-max_connections = 1
-"#
-    ));
+    let pg =
+        Portgate::start(Config::loopback().with(Route::new("one", port, echo).set("max_connections", 1)));
     let mut first = connect(addr(port));
     first.write_all(b"a").unwrap();
     let mut b = [0u8; 1];
@@ -203,18 +149,8 @@ fn half_close_passes_both_ways() {
         }
     });
     let port = free_port();
-    let pg = Portgate::start(&format!(
-        r#"
-[listen]
-address = "127.0.0.1"
-[access]
-allow = ["127.0.0.0/8"]
-[[route]]
-name = "hc"
-port = {port}
-target = "{target}"
-"#
-    ));
+    let config = Config::loopback().route("hc", port, target);
+    let pg = Portgate::start(&config);
     // Client half-closes; target sees EOF and still answers over the open half.
     let mut s = connect(addr(port));
     s.write_all(&[7u8; 1000]).unwrap();
@@ -237,22 +173,7 @@ target = "{target}"
         assert_eq!(got, b"after-eof");
     });
     let port2 = free_port();
-    pg.write_config(&format!(
-        r#"
-[listen]
-address = "127.0.0.1"
-[access]
-allow = ["127.0.0.0/8"]
-[[route]]
-name = "hc"
-port = {port}
-target = "{target}"
-[[route]]
-name = "hc2"
-port = {port2}
-target = "{target2}"
-"#
-    ));
+    pg.write_config(config.route("hc2", port2, target2));
     assert_eq!(pg.reload()["message"], "config reloaded");
     let mut s = connect(addr(port2));
     let mut banner = [0u8; 6];
@@ -283,18 +204,7 @@ fn reset_is_passed_on_as_reset() {
         drop(s);
     });
     let port = free_port();
-    let pg = Portgate::start(&format!(
-        r#"
-[listen]
-address = "127.0.0.1"
-[access]
-allow = ["127.0.0.0/8"]
-[[route]]
-name = "rst"
-port = {port}
-target = "{target}"
-"#
-    ));
+    let pg = Portgate::start(Config::loopback().route("rst", port, target));
     let mut s = connect(addr(port));
     s.write_all(b"boom").unwrap();
     let mut b = [0u8; 8];
@@ -312,23 +222,7 @@ fn refused_target_closes_client_promptly_and_other_routes_work() {
     }; // closed again: connecting is refused
     let echo = echo_server();
     let base = free_ports(2);
-    let pg = Portgate::start(&format!(
-        r#"
-[listen]
-address = "127.0.0.1"
-[access]
-allow = ["127.0.0.0/8"]
-[[route]]
-name = "dead"
-port = {base}
-target = "{dead}"
-[[route]]
-name = "alive"
-port = {}
-target = "{echo}"
-"#,
-        base + 1
-    ));
+    let pg = Portgate::start(Config::loopback().route("dead", base, dead).route("alive", base + 1, echo));
     let started = Instant::now();
     let mut s = connect(addr(base));
     s.write_all(b"hi").unwrap();
@@ -349,20 +243,7 @@ target = "{echo}"
 fn idle_timeout_closes_with_fin() {
     let echo = echo_server();
     let port = free_port();
-    let pg = Portgate::start(&format!(
-        r#"
-[listen]
-address = "127.0.0.1"
-[timeouts]
-idle = "300ms"
-[access]
-allow = ["127.0.0.0/8"]
-[[route]]
-name = "idle"
-port = {port}
-target = "{echo}"
-"#
-    ));
+    let pg = Portgate::start(Config::loopback().set("timeouts", "idle", "300ms").route("idle", port, echo));
     let mut s = connect(addr(port));
     s.write_all(b"x").unwrap();
     let mut b = [0u8; 1];
@@ -377,24 +258,14 @@ target = "{echo}"
 
 // ---- PROXY protocol ----
 
-fn proxy_config(port: u16, echo: SocketAddr, extra_routes: &str) -> String {
-    format!(
-        r#"
-[listen]
-address = "127.0.0.1"
-[proxy_protocol]
-mode = "required"
-trusted = ["127.0.0.1/32"]
-header_timeout = "500ms"
-[access]
-allow = ["10.0.0.0/8", "2001:db8::/32"]
-[[route]]
-name = "plain"
-port = {port}
-target = "{echo}"
-{extra_routes}
-"#
-    )
+/// PROXY headers required from 127.0.0.1, sources from 10/8 and 2001:db8::/32
+/// admitted, and one route "plain" on `port`.
+fn proxy_config(port: u16, echo: SocketAddr) -> Config {
+    Config::loopback()
+        .proxy_required(&["127.0.0.1/32"])
+        .set("proxy_protocol", "header_timeout", "500ms")
+        .allow(&["10.0.0.0/8", "2001:db8::/32"])
+        .route("plain", port, echo)
 }
 
 fn v2_from(src: &str, dst: &str, endpoint: Option<&str>) -> Vec<u8> {
@@ -405,7 +276,7 @@ fn v2_from(src: &str, dst: &str, endpoint: Option<&str>) -> Vec<u8> {
 fn proxy_v1_v2_ipv4_ipv6_and_second_header_is_payload() {
     let echo = echo_server();
     let port = free_port();
-    let pg = Portgate::start(&proxy_config(port, echo, ""));
+    let pg = Portgate::start(proxy_config(port, echo));
     // v1, IPv4
     let mut msg = encode_v1(Some(("10.1.2.3:5000".parse().unwrap(), "10.0.0.1:22".parse().unwrap())));
     msg.extend_from_slice(b"hello v1");
@@ -432,7 +303,7 @@ fn proxy_v1_v2_ipv4_ipv6_and_second_header_is_payload() {
 fn proxy_source_decides_allow() {
     let echo = echo_server();
     let port = free_port();
-    let pg = Portgate::start(&proxy_config(port, echo, ""));
+    let pg = Portgate::start(proxy_config(port, echo));
     let mut msg = v2_from("192.168.1.1:5000", "10.0.0.1:22", None);
     msg.extend_from_slice(b"x");
     let mut s = connect(addr(port));
@@ -449,21 +320,11 @@ fn aws_endpoint_tlv_drives_via_and_endpoints() {
     let echo_via = echo_server();
     let port = free_port();
     let port2 = free_port();
-    let extra = format!(
-        r#"
-[[route]]
-name = "via-e1"
-port = {port}
-via = "vpce-0a1b2c3d4e5f67890"
-target = "{echo_via}"
-[[route]]
-name = "only-e2"
-port = {port2}
-target = "{echo_via}"
-endpoints = ["vpce-22222222222222222"]
-"#
+    let pg = Portgate::start(
+        proxy_config(port, echo_plain)
+            .with(Route::new("via-e1", port, echo_via).set("via", "vpce-0a1b2c3d4e5f67890"))
+            .with(Route::new("only-e2", port2, echo_via).set("endpoints", ["vpce-22222222222222222"])),
     );
-    let pg = Portgate::start(&proxy_config(port, echo_plain, &extra));
     // Through endpoint e1: the via route wins.
     let mut m = v2_from("10.1.1.1:1000", "10.0.0.1:22", Some("vpce-0a1b2c3d4e5f67890"));
     m.extend_from_slice(b"e1");
@@ -506,7 +367,7 @@ fn proxy_header_failures_are_rejected_without_dialing() {
         }
     });
     let port = free_port();
-    let pg = Portgate::start(&proxy_config(port, target, ""));
+    let pg = Portgate::start(proxy_config(port, target));
     // Missing header: plain bytes.
     let mut s = connect(addr(port));
     s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").unwrap();
@@ -543,7 +404,7 @@ fn untrusted_peer_header_is_rejected() {
     let echo = echo_server();
     let port = free_port();
     // Trusted is 127.0.0.1 only; connect from 127.0.0.5.
-    let pg = Portgate::start(&proxy_config(port, echo, ""));
+    let pg = Portgate::start(proxy_config(port, echo));
     let mut m = v2_from("10.1.1.1:1000", "10.0.0.1:22", None);
     m.extend_from_slice(b"spoof");
     let mut s = connect_from("127.0.0.5", addr(port));
@@ -562,24 +423,13 @@ fn untrusted_peer_header_is_rejected() {
 
 #[test]
 fn ipv6_listener_and_target() {
-    if std::net::TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("skipped: no IPv6 loopback on this host");
+    let have_v6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    if !require("an IPv6 loopback (::1)", have_v6, "enable IPv6: sysctl net.ipv6.conf.lo.disable_ipv6=0") {
         return;
     }
     let echo = echo_server_on("[::1]:0");
     let port = free_port();
-    let _pg = Portgate::start(&format!(
-        r#"
-[listen]
-address = "::"
-[access]
-allow = ["::1/128", "127.0.0.0/8"]
-[[route]]
-name = "v6"
-port = {port}
-target = "{echo}"
-"#
-    ));
+    let _pg = Portgate::start(Config::listen("::", &["::1/128", "127.0.0.0/8"]).route("v6", port, echo));
     // Dual stack: both an IPv6 and an IPv4 client get through.
     let s6 = std::net::TcpStream::connect_timeout(&format!("[::1]:{port}").parse().unwrap(), SOON).unwrap();
     assert_eq!(roundtrip(s6, b"six"), b"six");
@@ -590,20 +440,7 @@ target = "{echo}"
 fn text_log_format_has_the_fields() {
     let echo = echo_server();
     let port = free_port();
-    let pg = Portgate::start(&format!(
-        r#"
-[listen]
-address = "127.0.0.1"
-[log]
-format = "text"
-[access]
-allow = ["127.0.0.0/8"]
-[[route]]
-name = "txt"
-port = {port}
-target = "{echo}"
-"#
-    ));
+    let pg = Portgate::start(Config::loopback().set("log", "format", "text").route("txt", port, echo));
     assert_eq!(roundtrip(connect(addr(port)), b"abc"), b"abc");
     let line = pg.wait_log(|l| l.contains("session closed"), SOON);
     for f in ["route=txt", "close=client_closed", "bytes_to_target=3", &format!("target={echo}")] {
@@ -625,22 +462,13 @@ fn ss(filter: &str) -> String {
 fn keepalive_is_armed_on_both_sockets_of_a_session() {
     let echo = echo_server();
     let port = free_port();
-    let _pg = Portgate::start(&format!(
-        r#"
-[listen]
-address = "127.0.0.1"
-[keepalive]
-time = "37s"
-interval = "5s"
-retries = 3
-[access]
-allow = ["127.0.0.0/8"]
-[[route]]
-name = "ka"
-port = {port}
-target = "{echo}"
-"#
-    ));
+    let _pg = Portgate::start(
+        Config::loopback()
+            .set("keepalive", "time", "37s")
+            .set("keepalive", "interval", "5s")
+            .set("keepalive", "retries", 3)
+            .route("ka", port, echo),
+    );
     let mut s = connect(addr(port));
     s.write_all(b"x").unwrap();
     let mut b = [0u8; 1];

@@ -89,29 +89,17 @@ async fn churn_once(port: u16, size: usize, seed: u64) -> Result<(), String> {
     Ok(())
 }
 
-fn config(base: u16, echo: SocketAddr, flip: bool) -> String {
-    let mut c = "[listen]\naddress = \"127.0.0.1\"\n[access]\nallow = [\"127.0.0.0/8\"]\n".to_string();
+fn config(base: u16, echo: SocketAddr, flip: bool) -> Config {
+    let mut c = Config::loopback();
     for i in 0..ROUTES {
-        c += &format!("[[route]]\nname = \"r{i}\"\nport = {}\ntarget = \"{echo}\"\n", base + i);
+        c = c.route(&format!("r{i}"), base + i, echo);
     }
     // Routes that come and go with every reload.
     let extra = if flip { ROUTES..ROUTES + 3 } else { ROUTES + 3..ROUTES + 5 };
     for i in extra {
-        c += &format!("[[route]]\nname = \"x{i}\"\nport = {}\ntarget = \"{echo}\"\n", base + i);
+        c = c.route(&format!("x{i}"), base + i, echo);
     }
     c
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
 }
 
 /// Run one phase of load for `secs`; returns (sessions verified, errors).
@@ -136,7 +124,7 @@ async fn phase(pg: Arc<Portgate>, base: u16, echo: SocketAddr, secs: u64) -> (u6
         tokio::task::spawn_blocking(move || {
             let mut n = 0u32;
             while !stop.load(Ordering::Relaxed) && n < 3600 {
-                pg.write_config(&config(base, echo, n % 2 == 0));
+                pg.write_config(config(base, echo, n % 2 == 0));
                 let out = pg.reload();
                 assert_eq!(out["message"], "config reloaded", "{out}");
                 n += 1;
@@ -186,7 +174,7 @@ async fn phase(pg: Arc<Portgate>, base: u16, echo: SocketAddr, secs: u64) -> (u6
     drop(idle);
     // End every phase on the same config, so the listener count compares.
     tokio::task::spawn_blocking(move || {
-        pg.write_config(&config(base, echo, false));
+        pg.write_config(config(base, echo, false));
         assert_eq!(pg.reload()["message"], "config reloaded");
     })
     .await
@@ -221,7 +209,7 @@ fn soak_sessions_churn_and_reloads() {
     let echo = rt.block_on(echo_server());
     // One malloc arena: freed memory is reused instead of spread over per-thread
     // arenas, so RSS compares between phases (a leak still shows).
-    let pg = Arc::new(Portgate::start_with(&config(base, echo, false), &[("MALLOC_ARENA_MAX", "1")]));
+    let pg = Arc::new(Portgate::start_with(config(base, echo, false), &[("MALLOC_ARENA_MAX", "1")]));
     let pid = pg.pid();
 
     // Warm-up phase: the same load, shorter; then the baseline.
@@ -229,7 +217,7 @@ fn soak_sessions_churn_and_reloads() {
     assert!(errors.is_empty(), "warm-up errors: {errors:#?}");
     assert!(ok > 0);
     wait_idle(&pg);
-    let (fds0, rss0) = (open_fds(pid), rss_kib(pid));
+    let (fds0, rss0) = (open_fds(pid), proc_status_kib(pid, "VmRSS"));
 
     let (ok, errors) = rt.block_on(phase(Arc::clone(&pg), base, echo, secs));
     assert!(
@@ -239,7 +227,7 @@ fn soak_sessions_churn_and_reloads() {
         &errors[..errors.len().min(20)]
     );
     wait_idle(&pg);
-    let (fds1, rss1) = (open_fds(pid), rss_kib(pid));
+    let (fds1, rss1) = (open_fds(pid), proc_status_kib(pid, "VmRSS"));
     eprintln!(
         "soak: {ok} churn sessions verified in {secs}s; fds {fds0} -> {fds1}; RSS {rss0} -> {rss1} KiB"
     );

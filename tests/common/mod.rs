@@ -7,6 +7,13 @@
 
 #![allow(dead_code)]
 
+mod config;
+
+// Each test binary uses what it needs of the harness, as with dead_code above.
+#[allow(unused_imports)]
+pub use config::{toml_string, Config, Route};
+
+use std::fmt::Display;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -19,6 +26,39 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_portgate");
 /// Generous bound for anything that should happen "at once" on a loaded CI box.
 pub const SOON: Duration = Duration::from_secs(10);
+
+/// Whether this run is CI's: `CI` set to anything but empty, `0` or `false`
+/// (CI services set `CI=true`; `.ci/run` does too).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+}
+
+/// The one guard for a test that needs a peer from outside this repository
+/// (a program, a kernel feature): `available` says whether it is here.
+///
+/// Here: true, and the test goes on. Missing under CI ([`in_ci`]): a panic
+/// naming what is missing and how to install it, so CI cannot pass a test
+/// that asserted nothing. Missing elsewhere: a `skipped: ...` line on stderr
+/// and false; the test returns at once.
+#[must_use = "return from the test when the peer is missing"]
+pub fn require(what: &str, available: bool, install_hint: &str) -> bool {
+    if available {
+        return true;
+    }
+    let current = thread::current();
+    let test = current.name().unwrap_or("this test");
+    assert!(
+        !in_ci(),
+        "{test} needs {what}, which is missing; under CI that is a failure, not a skip ({install_hint})"
+    );
+    eprintln!("skipped: {test} needs {what}, which is missing ({install_hint})");
+    false
+}
+
+/// `127.0.0.1:port`.
+pub fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
 
 /// A block of `n` consecutive free loopback ports, reserved for this test
 /// process.
@@ -93,6 +133,21 @@ impl LogBuf {
         logs
     }
 
+    /// On a failing (panicking) test, print the config (from `source`) and
+    /// every line; otherwise nothing.
+    pub fn dump_if_failing(&self, source: &str, config: &str) {
+        if !thread::panicking() {
+            return;
+        }
+        eprintln!("---- portgate config ({source}) ----");
+        eprintln!("{config}");
+        eprintln!("---- portgate log ----");
+        for l in self.lines.lock().unwrap().iter() {
+            eprintln!("{l}");
+        }
+        eprintln!("---- end ----");
+    }
+
     pub fn len(&self) -> usize {
         self.lines.lock().unwrap().len()
     }
@@ -144,7 +199,7 @@ pub struct Portgate {
 }
 
 /// Fill in the `[admin]` and `[log]` sections the harness relies on.
-pub fn with_harness_sections(config: &str, admin: SocketAddr) -> String {
+pub fn with_harness_sections(config: impl Display, admin: SocketAddr) -> String {
     let mut c = config.to_string();
     if !c.contains("[admin]") {
         c.push_str(&format!("\n[admin]\nlisten = \"{admin}\"\n"));
@@ -155,34 +210,42 @@ pub fn with_harness_sections(config: &str, admin: SocketAddr) -> String {
     c
 }
 
+/// `portgate run -c config_path`, its stderr piped (for [`LogBuf::capture`]),
+/// and none of this shell's RUST_LOG or NOTIFY_SOCKET.
+pub fn run_command(config_path: &std::path::Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run")
+        .arg("-c")
+        .arg(config_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET");
+    cmd
+}
+
 impl Portgate {
-    /// Write `config` (adding admin and JSON log sections if missing), start
-    /// the binary and wait until it is ready.
-    pub fn start(config: &str) -> Portgate {
+    /// Write `config` (text or a [`Config`]; admin and JSON log sections
+    /// added if missing), start the binary and wait until it is ready.
+    pub fn start(config: impl Display) -> Portgate {
         Self::start_with(config, &[])
     }
 
-    pub fn start_with(config: &str, env: &[(&str, &str)]) -> Portgate {
+    pub fn start_with(config: impl Display, env: &[(&str, &str)]) -> Portgate {
         let pg = Self::spawn(config, env);
         pg.wait_log(|l| l.contains("portgate ready"), SOON);
         pg
     }
 
     /// Spawn without waiting for readiness.
-    pub fn spawn(config: &str, env: &[(&str, &str)]) -> Portgate {
+    pub fn spawn(config: impl Display, env: &[(&str, &str)]) -> Portgate {
         let dir = tempfile::tempdir().expect("tempdir");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let text = with_harness_sections(config, admin);
         let config_path = dir.path().join("portgate.toml");
         std::fs::write(&config_path, &text).unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.arg("run")
-            .arg("-c")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        cmd.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET");
+        let mut cmd = run_command(&config_path);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -196,7 +259,7 @@ impl Portgate {
     }
 
     /// Replace the config file (harness sections added as at start).
-    pub fn write_config(&self, config: &str) {
+    pub fn write_config(&self, config: impl Display) {
         let text = with_harness_sections(config, self.admin);
         std::fs::write(&self.config_path, &text).unwrap();
         *self.config_text.lock().unwrap() = text;
@@ -300,15 +363,8 @@ impl Drop for Portgate {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if thread::panicking() {
-            eprintln!("---- portgate config ({}) ----", self.config_path.display());
-            eprintln!("{}", self.config_text.lock().unwrap());
-            eprintln!("---- portgate log ----");
-            for l in self.logs.lines.lock().unwrap().iter() {
-                eprintln!("{l}");
-            }
-            eprintln!("---- end ----");
-        }
+        let config = self.config_text.lock().unwrap();
+        self.logs.dump_if_failing(&self.config_path.display().to_string(), &config);
     }
 }
 
@@ -449,4 +505,18 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
+}
+
+/// One kB-valued field of /proc/PID/status (`VmRSS`, `VmHWM`), in KiB.
+pub fn proc_status_kib(pid: i32, key: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{key} not in /proc/{pid}/status"))
+}
+
+/// How many descriptors process `pid` has open.
+pub fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
 }
