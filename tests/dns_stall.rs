@@ -101,7 +101,7 @@ fn a_hung_resolver_times_out_its_sessions_and_stalls_nothing_else() {
     let node = start(&config);
 
     // More lookups than tokio's blocking pool has threads (512), all hung.
-    let clients: Vec<_> = (0..600).map(|_| connect(SocketAddr::from(([127, 0, 0, 1], named)))).collect();
+    let clients: Vec<_> = (0..600).map(|_| connect(addr(named))).collect();
     let deadline = Instant::now() + SOON;
     while queries.load(Ordering::Relaxed) == 0 {
         assert!(Instant::now() < deadline, "portgate never asked the resolver");
@@ -109,7 +109,7 @@ fn a_hung_resolver_times_out_its_sessions_and_stalls_nothing_else() {
     }
 
     // Other routes and the admin port are unaffected.
-    let out = roundtrip(connect(SocketAddr::from(([127, 0, 0, 1], echo_port))), b"still here");
+    let out = roundtrip(connect(addr(echo_port)), b"still here");
     assert_eq!(out, b"still here");
     assert_eq!(http_get(node.admin, "/healthz").0, 200);
 
@@ -130,9 +130,4 @@ fn a_hung_resolver_times_out_its_sessions_and_stalls_nothing_else() {
     }
     let failed = node.logs.wait_from(0, |l| l.contains("\"error_kind\":\"timeout\""), 600, SOON);
     assert!(failed.contains("name lookup timed out"), "{failed}");
-}
-
-// TEMP shim until the harness's guard lands.
-fn require(_w: &str, a: bool, _h: &str) -> bool {
-    a
 }

@@ -89,7 +89,7 @@ fn metric(admin: SocketAddr, series: &str) -> f64 {
 #[test]
 fn a_stalled_log_sink_drops_lines_and_the_node_keeps_serving() {
     let mut node = start_stalled("best_effort", "30s");
-    let mut long = connect(SocketAddr::from(([127, 0, 0, 1], node.port)));
+    let mut long = connect(addr(node.port));
     echo(&mut long, b"before");
 
     // Far more session lines than one page of pipe and 64 queued lines.
@@ -115,7 +115,7 @@ fn a_stalled_log_sink_drops_lines_and_the_node_keeps_serving() {
 #[test]
 fn audit_required_refuses_new_connections_while_lines_cannot_be_recorded() {
     let mut node = start_stalled("required", "30s");
-    let mut long = connect(SocketAddr::from(([127, 0, 0, 1], node.port)));
+    let mut long = connect(addr(node.port));
     echo(&mut long, b"before");
 
     let mut refused = 0;
@@ -151,7 +151,7 @@ fn audit_required_refuses_new_connections_while_lines_cannot_be_recorded() {
 #[test]
 fn sigterm_drains_and_exits_on_time_with_a_stalled_sink() {
     let mut node = start_stalled("best_effort", "1s");
-    let mut long = connect(SocketAddr::from(([127, 0, 0, 1], node.port)));
+    let mut long = connect(addr(node.port));
     echo(&mut long, b"before");
     for i in 0..300 {
         one_session(node.port, i).unwrap();

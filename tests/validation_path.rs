@@ -29,7 +29,7 @@ fn check(path: &std::path::Path) -> (bool, Vec<String>) {
 #[test]
 fn check_and_reload_refuse_every_problem_class_with_the_same_messages() {
     let port = free_port();
-    let pg = Portgate::start(&route(port));
+    let pg = Portgate::start(route(port));
     let h = |extra: &str| harness(pg.admin, extra);
     let r = route(port);
     let classes: Vec<(&str, String)> = vec![
