@@ -11,7 +11,7 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,18 +19,11 @@ use std::time::{Duration, Instant};
 use common::*;
 
 struct Node {
-    child: Child,
+    child: Reaped,
     logs: Arc<LogBuf>,
     config: std::path::PathBuf,
     admin: SocketAddr,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A silent DNS server on 127.0.0.99:53; counts the queries it swallows.
@@ -72,7 +65,7 @@ fn start(config: &str) -> Node {
         .expect("spawn unshare");
     let logs = LogBuf::capture(child.stderr.take().unwrap());
     logs.wait_from(0, |l| l.contains("portgate ready"), 1, SOON);
-    Node { child, logs, config: path, admin, _dir: dir }
+    Node { child: Reaped(child), logs, config: path, admin, _dir: dir }
 }
 
 fn unshare_works() -> bool {
@@ -118,7 +111,7 @@ fn a_hung_resolver_times_out_its_sessions_and_stalls_nothing_else() {
     let text = std::fs::read_to_string(&node.config).unwrap();
     std::fs::write(&node.config, text.replace("connect = \"1s\"", "connect = \"2s\"")).unwrap();
     // SAFETY: kill(2) on the child this test spawned (unshare exec'd sh, which exec'd portgate).
-    assert_eq!(unsafe { libc::kill(node.child.id() as i32, libc::SIGHUP) }, 0);
+    assert_eq!(unsafe { libc::kill(node.child.0.id() as i32, libc::SIGHUP) }, 0);
     let started = Instant::now();
     let line = node.logs.wait_from(from, |l| l.contains("config reload"), 1, SOON);
     assert!(line.contains("\"message\":\"config reloaded\""), "{line}");

@@ -8,25 +8,18 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::process::{Child, ChildStderr, Command, Stdio};
+use std::process::ChildStderr;
 use std::time::{Duration, Instant};
 
 use common::*;
 
 /// A node whose stderr nobody reads.
 struct Stalled {
-    child: Child,
+    child: Reaped,
     stderr: Option<ChildStderr>,
     admin: SocketAddr,
     port: u16,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Stalled {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn start_stalled(audit: &str, drain: &str) -> Stalled {
@@ -41,22 +34,13 @@ fn start_stalled(audit: &str, drain: &str) -> Stalled {
          [[route]]\nname = \"echo\"\nport = {port}\ntarget = \"{backend}\"\n"
     );
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "-c"])
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn portgate");
+    let mut child = run_command(&path).spawn().expect("spawn portgate");
     let stderr = child.stderr.take().unwrap();
     // One page: the pipe is full after a dozen lines.
     // SAFETY: fcntl on a pipe descriptor this test owns.
     let rc = unsafe { libc::fcntl(stderr.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
     assert!(rc >= 4096, "could not shrink the stderr pipe");
-    let node = Stalled { child, stderr: Some(stderr), admin, port, _dir: dir };
+    let node = Stalled { child: Reaped(child), stderr: Some(stderr), admin, port, _dir: dir };
     let deadline = Instant::now() + SOON;
     while TcpStream::connect(admin).is_err() || TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "portgate did not start listening");
@@ -159,10 +143,10 @@ fn sigterm_drains_and_exits_on_time_with_a_stalled_sink() {
     assert!(metric(node.admin, "portgate_log_lines_dropped_total") > 0.0);
     let start = Instant::now();
     // SAFETY: kill(2) on the child this test spawned.
-    assert_eq!(unsafe { libc::kill(node.child.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(unsafe { libc::kill(node.child.0.id() as i32, libc::SIGTERM) }, 0);
     let deadline = start + Duration::from_secs(2); // drain + a second
     let status = loop {
-        if let Some(s) = node.child.try_wait().unwrap() {
+        if let Some(s) = node.child.0.try_wait().unwrap() {
             break s;
         }
         assert!(Instant::now() < deadline, "portgate did not exit within drain + 1 s of SIGTERM");

@@ -212,6 +212,17 @@ pub fn with_harness_sections(config: impl Display, admin: SocketAddr) -> String 
 
 /// `portgate run -c config_path`, its stderr piped (for [`LogBuf::capture`]),
 /// and none of this shell's RUST_LOG or NOTIFY_SOCKET.
+/// A child process that is killed and reaped when the test ends, even on a
+/// panic (for tests that spawn portgate their own way).
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn run_command(config_path: &std::path::Path) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.arg("run")
