@@ -15,9 +15,10 @@
 //!
 //! Decisions where the HAProxy text leaves room:
 //! - v1 is strict: `PROXY` SP proto SP src SP dst SP sport SP dport CRLF with
-//!   single spaces; ports are 1 to 5 ASCII digits with a value of at most
-//!   65535 (leading zeros accepted, signs not); addresses must be of the
-//!   announced family (`TCP4` takes only dotted-quad IPv4 without leading
+//!   single spaces, the CRLF within [`V1_MAX_LEN`] (107) bytes; ports are
+//!   decimal 0 to 65535 without leading zeros (`0` itself is fine, `00080`
+//!   is not) or signs; addresses must be of the announced family (`TCP4`
+//!   takes only dotted-quad IPv4 whose octets are 0 to 255 without leading
 //!   zeros, `TCP6` only IPv6). `PROXY UNKNOWN` may be followed by anything
 //!   except CR/LF up to the CRLF; its addresses are ignored (both `None`).
 //!   A bare LF, or a CR not followed by LF, is an error.
@@ -170,8 +171,8 @@ fn check_prefix(buf: &[u8], expected: &[u8]) -> Result<(), HeaderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{Ipv4Addr, Ipv6Addr};
     use proptest::prelude::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -250,11 +251,18 @@ mod tests {
             hdr(1, Command::Proxy, None, None),
         );
         ok(b"PROXY UNKNOWN \x00junk  x\r\n", hdr(1, Command::Proxy, None, None));
-        // Leading zeros in ports are accepted (value still <= 65535).
+        // Zero itself is a port and an octet; zeros inside a number are fine.
         ok(
-            b"PROXY TCP4 1.2.3.4 5.6.7.8 00080 0\r\n",
-            hdr(1, Command::Proxy, Some(("1.2.3.4:80", "5.6.7.8:0")), None),
+            b"PROXY TCP4 0.0.0.0 10.100.0.200 0 10080\r\n",
+            hdr(1, Command::Proxy, Some(("0.0.0.0:0", "10.100.0.200:10080")), None),
         );
+        // IPv6 groups may have leading zeros (RFC 4291 text form).
+        ok(
+            b"PROXY TCP6 2001:0db8::0001 ::1 1 2\r\n",
+            hdr(1, Command::Proxy, Some(("[2001:db8::1]:1", "[::1]:2")), None),
+        );
+        // UNKNOWN ignores the rest of the line, leading zeros and all.
+        ok(b"PROXY UNKNOWN 01.2.3.4 5.6.7.8 00080 65536\r\n", hdr(1, Command::Proxy, None, None));
         // Longest legal line: exactly 107 bytes.
         let line = format!("PROXY TCP6 {0} {0} 65535 65535\r\n", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff");
         assert_eq!(line.len(), V1_MAX_LEN - 3);
@@ -284,6 +292,15 @@ mod tests {
             b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\n",
             b"PROXY TCP4 1.2.3.4 5.6.7.8 -1 2\r\n",
             b"PROXY TCP4 1.2.3.4 5.6.7.8 000080 2\r\n",
+            // Leading zeros in ports, even with a value in range.
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 00080 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 02\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 00 0\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 0 00\r\n",
+            b"PROXY TCP6 ::1 ::2 022 1\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 65536\r\n",
+            b"PROXY TCP6 ::1 ::2 65536 1\r\n",
             b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n",
             b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n",
             b"PROXY TCP4 1.2.3.4 5.6.7.8 1 \r\n",
@@ -295,7 +312,18 @@ mod tests {
             b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r2\r\n",
             b"PROXY TCP4 1.2.3.256 5.6.7.8 1 2\r\n",
             b"PROXY TCP4 1.2.3 5.6.7.8 1 2\r\n",
+            // Leading zeros in IPv4 octets, source or destination.
             b"PROXY TCP4 01.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 1.02.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 1.2.3.00 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 005.6.7.8 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.08 1 2\r\n",
+            b"PROXY TCP6 ::ffff:1.2.3.04 ::1 1 2\r\n",
+            // Double spaces anywhere.
+            b"PROXY TCP4 1.2.3.4 5.6.7.8  1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1  2\r\n",
+            b"PROXY TCP6  ::1 ::2 1 2\r\n",
+            b"PROXY  UNKNOWN\r\n",
             b"PROXY TCP4 ::1 5.6.7.8 1 2\r\n",
             b"PROXY TCP4 1.2.3.4 ::1 1 2\r\n",
             b"PROXY TCP6 1.2.3.4 ::1 1 2\r\n",
@@ -328,6 +356,15 @@ mod tests {
             b"PROXY TCP4 1.2.3.4 5.6.7.8 70000",
             b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 ",
             b"PROXY TCP4  ",
+            // Leading zeros, caught at the digit after the zero.
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 01",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 00",
+            b"PROXY TCP4 01",
+            b"PROXY TCP4 1.2.00",
+            b"PROXY TCP4 1.2.3.4 09",
+            b"PROXY TCP4 1.2.3.256",
+            b"PROXY TCP4 1.2.3.4.",
+            b"PROXY TCP4 1..",
         ] {
             malformed(bytes);
         }
@@ -357,6 +394,11 @@ mod tests {
             b"PROXY TCP6 ::",
             b"PROXY TCP4 1.2.3.4 5.6.7.8 1 6553",
             b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 0",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 0 0",
+            b"PROXY TCP4 0",
+            b"PROXY TCP4 0.",
+            b"PROXY TCP4 0.0.0.0 25",
         ] {
             assert_eq!(parse(bytes), Ok(None), "{bytes:?}");
         }
