@@ -86,7 +86,7 @@ fuzz_target!(|input: Input| {
         let command = if proxy { Command::Proxy } else { Command::Local };
         let encoded = encode_v2(command.clone(), addrs.pair(), vpce.as_deref(), &tlv_refs);
         let expected = if encoded.len() > MAX_HEADER_LEN {
-            Err(HeaderError::TooLong)
+            Err(HeaderError::V2TooLong(encoded.len()))
         } else if !proxy {
             // LOCAL: everything after the preamble is skipped unread.
             Ok(Header { version: 2, command, source: None, destination: None, vpc_endpoint: None })

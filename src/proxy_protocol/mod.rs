@@ -31,6 +31,8 @@
 //!   every family. Only AWS type 0xEA subtype 0x01 (VPC endpoint id) is
 //!   interpreted; its value must be non-empty, graphic ASCII (0x21..=0x7E), and
 //!   it may appear at most once. CRC32C TLVs are not verified.
+//! - v2 headers longer than [`MAX_HEADER_LEN`] are refused as soon as the
+//!   length field arrives ([`HeaderError::V2TooLong`]).
 //! - Errors are reported as early as possible, and feeding bytes one at a time
 //!   yields the same result (header or error) as parsing the whole buffer.
 
@@ -44,7 +46,7 @@ use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 
 /// Largest header accepted: v1 is at most 107 bytes ([`V1_MAX_LEN`]); a v2
 /// header (16-byte preamble + address block + TLVs) longer than this is
-/// rejected as [`HeaderError::TooLong`].
+/// rejected as [`HeaderError::V2TooLong`].
 ///
 /// AWS NLB headers (IPv6 addresses plus the VPC endpoint TLV) stay well below
 /// 200 bytes, so 4 KiB leaves room for other senders' TLVs (SSL, CRC32C, ...)
@@ -102,11 +104,13 @@ pub enum HeaderError {
     /// Neither a v1 (`PROXY `) nor a v2 signature.
     #[error("connection did not start with a PROXY protocol header")]
     NotProxy,
-    /// v1 line without CRLF within 107 bytes, or v2 header over `MAX_HEADER_LEN`.
-    #[error(
-        "PROXY protocol header too long (v1: no CRLF within 107 bytes; v2: over {MAX_HEADER_LEN} bytes)"
-    )]
+    /// v1 line without CRLF within [`V1_MAX_LEN`] bytes.
+    #[error("PROXY v1 header too long: no CRLF within {V1_MAX_LEN} bytes")]
     TooLong,
+    /// v2 header (preamble included) whose length field makes it longer
+    /// than [`MAX_HEADER_LEN`]; the value is the announced total length.
+    #[error("PROXY v2 header too long: {0} bytes announced, at most {MAX_HEADER_LEN} accepted")]
+    V2TooLong(usize),
     /// v2 version nibble other than 2.
     #[error("PROXY v2 header has unsupported version {0} (expected 2)")]
     BadVersion(u8),
@@ -534,13 +538,17 @@ mod tests {
         let max_block = (MAX_HEADER_LEN - V2_PREAMBLE_LEN) as u16;
         let mut over = preamble.clone();
         over.extend_from_slice(&(max_block + 1).to_be_bytes());
-        assert_eq!(parse(&over), Err(HeaderError::TooLong));
+        assert_eq!(parse(&over), Err(HeaderError::V2TooLong(MAX_HEADER_LEN + 1)));
         let mut huge = preamble.clone();
         huge.extend_from_slice(&[0xFF, 0xFF]);
-        assert_eq!(parse(&huge), Err(HeaderError::TooLong));
+        assert_eq!(parse(&huge), Err(HeaderError::V2TooLong(16 + 65535)));
         // LOCAL too.
         huge[12] = 0x20;
-        assert_eq!(parse(&huge), Err(HeaderError::TooLong));
+        assert_eq!(parse(&huge), Err(HeaderError::V2TooLong(16 + 65535)));
+        assert_eq!(
+            HeaderError::V2TooLong(4097).to_string(),
+            "PROXY v2 header too long: 4097 bytes announced, at most 4096 accepted"
+        );
         // Exactly MAX_HEADER_LEN is fine.
         let mut block = v4_block();
         let pad = usize::from(max_block) - block.len() - 3;
@@ -603,7 +611,8 @@ mod tests {
             HeaderError::BadFamily(0x41).to_string(),
             "PROXY v2 header has invalid address family/protocol byte 0x41"
         );
-        assert!(HeaderError::TooLong.to_string().contains("4096"));
+        assert_eq!(HeaderError::TooLong.to_string(), "PROXY v1 header too long: no CRLF within 107 bytes");
+        assert!(HeaderError::V2TooLong(5000).to_string().contains("4096"));
     }
 
     fn arb_pair() -> impl Strategy<Value = (SocketAddr, SocketAddr)> {

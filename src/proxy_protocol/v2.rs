@@ -44,7 +44,7 @@ pub(super) fn parse(buf: &[u8]) -> Result<Option<(Header, usize)>, HeaderError> 
     let block_len = usize::from(u16::from_be_bytes([hi, lo]));
     let total = V2_PREAMBLE_LEN + block_len;
     if total > MAX_HEADER_LEN {
-        return Err(HeaderError::TooLong);
+        return Err(HeaderError::V2TooLong(total));
     }
     if block_len < addr_len {
         return Err(HeaderError::Malformed("v2: length is shorter than the address family requires"));
