@@ -8,7 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-use portgate::proxy_protocol::{encode_v1, encode_v2, Command};
+use portgate::proxy_protocol::{encode_v1, encode_v2, encode_v2_with_crc, Command};
 
 #[test]
 fn routes_several_ports_byte_exact_in_parallel() {
@@ -397,6 +397,67 @@ fn proxy_header_failures_are_rejected_without_dialing() {
         Some(3.0)
     );
     assert!(rx.try_recv().is_err(), "no connection may reach the target");
+}
+
+#[test]
+fn proxy_v2_crc32c_is_verified() {
+    // A target that counts its connections and echoes.
+    let t = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = t.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    thread::spawn(move || {
+        for s in t.incoming().flatten() {
+            let _ = tx.send(());
+            thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let mut w = s;
+                let _ = std::io::copy(&mut r, &mut w);
+                let _ = w.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    let port = free_port();
+    let pg = Portgate::start(&proxy_config(port, target, ""));
+    let addrs = Some(("10.1.2.3:5000".parse().unwrap(), "10.0.0.1:22".parse().unwrap()));
+    let endpoint = Some("vpce-0a1b2c3d4e5f67890");
+    let good = encode_v2_with_crc(Command::Proxy, addrs, endpoint, &[]);
+
+    // A wrong checksum (the last byte of the CRC32C TLV, which comes last).
+    let mut bad = good.clone();
+    *bad.last_mut().unwrap() ^= 0x5A;
+    bad.extend_from_slice(b"never forwarded");
+    let mut s = connect(addr(port));
+    s.write_all(&bad).unwrap();
+    expect_closed(s);
+    let ev = pg.wait_event("connection rejected", 1);
+    assert_eq!(ev["reason"], "proxy_header", "{ev}");
+    assert_eq!(ev["route"], "", "{ev}");
+    let detail = ev["detail"].as_str().unwrap();
+    assert!(detail.contains("checksum mismatch") && detail.contains("CRC32C"), "{ev}");
+
+    // A CRC32C TLV of 5 bytes.
+    let mut s = connect(addr(port));
+    s.write_all(&encode_v2(Command::Proxy, addrs, endpoint, &[(0x03, &[0; 5])])).unwrap();
+    expect_closed(s);
+    let ev = pg.wait_event("connection rejected", 2);
+    assert_eq!(ev["reason"], "proxy_header", "{ev}");
+    assert!(ev["detail"].as_str().unwrap().contains("CRC32C TLV (0x03) has a bad length"), "{ev}");
+    pg.wait_metric(r#"portgate_connections_rejected_total{route="",reason="proxy_header"}"#, 2.0);
+    assert!(rx.try_recv().is_err(), "a refused header must not reach the target");
+
+    // The right checksum: forwarded, with the header's client and endpoint.
+    let mut msg = good.clone();
+    msg.extend_from_slice(b"checksummed");
+    assert_eq!(roundtrip(connect(addr(port)), &msg), b"checksummed");
+    let ev = pg.wait_event("session closed", 1);
+    assert_eq!(ev["client"], "10.1.2.3:5000", "{ev}");
+    assert_eq!(ev["endpoint"], "vpce-0a1b2c3d4e5f67890", "{ev}");
+    assert_eq!(ev["bytes_to_target"], 11, "{ev}");
+    assert!(rx.try_recv().is_ok(), "the good header reached the target");
+    assert_eq!(
+        pg.metric(r#"portgate_connections_rejected_total{route="",reason="proxy_header"}"#),
+        Some(2.0)
+    );
 }
 
 #[test]

@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use portgate::proxy_protocol::{encode_v1, encode_v2, Command};
+use portgate::proxy_protocol::{encode_v1, encode_v2, encode_v2_with_crc, Command, PP2_TYPE_CRC32C};
 
 const VPCE: &str = "vpce-0a1b2c3d4e5f67890";
 
@@ -39,19 +39,35 @@ fn main() {
             "v1_unknown_with_addresses",
             b"PROXY UNKNOWN ffff:f:f:f:f:f:f:f ffff:f:f:f:f:f:f:f 65535 65535\r\n".to_vec(),
         ),
+        // Refused: v1 is strict (no leading zeros, ports up to 65535).
+        ("v1_port_leading_zero", b"PROXY TCP4 10.0.1.2 172.31.31.84 040000 08022\r\n".to_vec()),
+        ("v1_octet_leading_zero", b"PROXY TCP4 10.0.01.2 172.31.31.84 40000 8022\r\n".to_vec()),
+        ("v1_port_65536", b"PROXY TCP4 10.0.1.2 172.31.31.84 65536 8022\r\n".to_vec()),
         ("v2_ipv4", with(encode_v2(Command::Proxy, v4, None, &[]), ssh)),
         ("v2_ipv6", encode_v2(Command::Proxy, v6, None, &[])),
         ("v2_ipv4_aws_vpce", with(encode_v2(Command::Proxy, v4, Some(VPCE), &[]), ssh)),
         (
-            // As an NLB sends it behind PrivateLink, with other TLVs around.
+            // As an NLB sends it behind PrivateLink, with other TLVs around
+            // and a (correct) CRC32C TLV.
             "v2_ipv6_aws_vpce_other_tlvs",
-            encode_v2(
+            encode_v2_with_crc(
                 Command::Proxy,
                 v6,
                 Some(VPCE),
-                &[(0x04, &[0, 0, 0]), (0xEA, &[0x02, b'x']), (0x01, b"h2"), (0x03, &[1, 2, 3, 4])],
+                &[(0x04, &[0, 0, 0]), (0xEA, &[0x02, b'x']), (0x01, b"h2")],
             ),
         ),
+        // CRC32C: right, wrong, of a bad length, twice.
+        ("v2_ipv4_crc32c", with(encode_v2_with_crc(Command::Proxy, v4, None, &[]), ssh)),
+        ("v2_ipv6_aws_vpce_crc32c", with(encode_v2_with_crc(Command::Proxy, v6, Some(VPCE), &[]), ssh)),
+        ("v2_local_crc32c", encode_v2_with_crc(Command::Local, None, None, &[])),
+        (
+            "v2_ipv4_crc32c_wrong",
+            with(wrong_crc(encode_v2_with_crc(Command::Proxy, v4, Some(VPCE), &[])), ssh),
+        ),
+        ("v2_ipv4_crc32c_length_5", encode_v2(Command::Proxy, v4, None, &[(PP2_TYPE_CRC32C, &[0; 5])])),
+        ("v2_ipv4_crc32c_length_0", encode_v2(Command::Proxy, v4, None, &[(PP2_TYPE_CRC32C, &[])])),
+        ("v2_ipv4_crc32c_twice", encode_v2_with_crc(Command::Proxy, v4, None, &[(PP2_TYPE_CRC32C, &[0; 4])])),
         ("v2_unspec_aws_vpce", encode_v2(Command::Proxy, None, Some(VPCE), &[])),
         // NLB health checks: LOCAL, with and without an address block.
         ("v2_local_no_addresses", encode_v2(Command::Local, None, None, &[])),
@@ -69,4 +85,11 @@ fn main() {
     for (name, bytes) in seeds {
         std::fs::write(dir.join(name), bytes).unwrap();
     }
+}
+
+/// A header from `encode_v2_with_crc` (its CRC32C TLV comes last) with the
+/// checksum's last byte changed.
+fn wrong_crc(mut header: Vec<u8>) -> Vec<u8> {
+    *header.last_mut().unwrap() ^= 0x01;
+    header
 }

@@ -7,12 +7,14 @@
 //!   the decision point gives the same verdict as the whole input, and any
 //!   longer input gives that verdict too (so how the bytes were split into
 //!   reads never matters);
-//! - a parsed header is self-consistent and re-encodes to a header that parses
-//!   back to the same fields.
+//! - a parsed header is self-consistent and re-encodes (with and without a
+//!   CRC32C TLV) to a header that parses back to the same fields.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use portgate::proxy_protocol::{encode_v1, encode_v2, parse, Command, Header, MAX_HEADER_LEN, V1_MAX_LEN};
+use portgate::proxy_protocol::{
+    encode_v1, encode_v2, encode_v2_with_crc, parse, Command, Header, MAX_HEADER_LEN, V1_MAX_LEN,
+};
 
 fuzz_target!(|data: &[u8]| {
     let full = parse(data);
@@ -66,9 +68,11 @@ fn check_header(data: &[u8], h: &Header, n: usize) {
             if let Some(id) = &h.vpc_endpoint {
                 assert!(!id.is_empty() && id.bytes().all(|b| b.is_ascii_graphic()), "{id:?}");
             }
-            let again =
-                encode_v2(h.command.clone(), h.source.zip(h.destination), h.vpc_endpoint.as_deref(), &[]);
-            assert_eq!(parse(&again), Ok(Some((h.clone(), again.len()))), "v2 re-encoding");
+            for encode in [encode_v2, encode_v2_with_crc] {
+                let again =
+                    encode(h.command.clone(), h.source.zip(h.destination), h.vpc_endpoint.as_deref(), &[]);
+                assert_eq!(parse(&again), Ok(Some((h.clone(), again.len()))), "v2 re-encoding");
+            }
         }
         v => panic!("version {v}"),
     }

@@ -1,7 +1,8 @@
 //! Structured: build a header from arbitrary fields, encode it with the
-//! crate's encoders, parse it back (followed by arbitrary payload) and compare
-//! with what the header should parse to. Every proper prefix of the encoding
-//! must be `Ok(None)`.
+//! crate's encoders (v2 with or without a CRC32C TLV, the checksum right or
+//! changed), parse it back (followed by arbitrary payload) and compare with
+//! what the header should parse to. Every proper prefix of the encoding must
+//! be `Ok(None)`.
 #![no_main]
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -9,8 +10,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use portgate::proxy_protocol::{
-    encode_v1, encode_v2, parse, Command, Header, HeaderError, MAX_HEADER_LEN, PP2_SUBTYPE_AWS_VPCE_ID,
-    PP2_TYPE_AWS,
+    encode_v1, encode_v2, encode_v2_with_crc, parse, Command, Header, HeaderError, MAX_HEADER_LEN,
+    PP2_SUBTYPE_AWS_VPCE_ID, PP2_TYPE_AWS, PP2_TYPE_CRC32C,
 };
 
 /// Longest TLV value generated: eight of them can pass `MAX_HEADER_LEN`
@@ -64,11 +65,14 @@ struct Input {
     /// come up too.
     vpce: Option<String>,
     tlvs: Vec<(u8, Vec<u8>)>,
+    /// v2: `None` for no CRC32C TLV; `Some(x)`: one, with the right checksum
+    /// xor `x` (so `Some(0)` is right).
+    crc: Option<u32>,
     payload: Vec<u8>,
 }
 
 fuzz_target!(|input: Input| {
-    let Input { v2, proxy, addrs, mut vpce, mut tlvs, payload } = input;
+    let Input { v2, proxy, addrs, mut vpce, mut tlvs, crc, payload } = input;
 
     let (encoded, expected) = if v2 {
         if let Some(id) = &mut vpce {
@@ -81,15 +85,33 @@ fuzz_target!(|input: Input| {
             if *kind == PP2_TYPE_AWS && value.first() == Some(&PP2_SUBTYPE_AWS_VPCE_ID) {
                 value[0] = 0x02;
             }
+            // The only CRC32C TLV is the one `crc` asks for.
+            if *kind == PP2_TYPE_CRC32C {
+                *kind = 0x04;
+            }
         }
         let tlv_refs: Vec<(u8, &[u8])> = tlvs.iter().map(|(k, v)| (*k, &v[..])).collect();
         let command = if proxy { Command::Proxy } else { Command::Local };
-        let encoded = encode_v2(command.clone(), addrs.pair(), vpce.as_deref(), &tlv_refs);
+        let mut encoded = match crc {
+            None => encode_v2(command.clone(), addrs.pair(), vpce.as_deref(), &tlv_refs),
+            Some(_) => encode_v2_with_crc(command.clone(), addrs.pair(), vpce.as_deref(), &tlv_refs),
+        };
+        // The CRC32C TLV comes last: its value is the last 4 bytes.
+        let mismatch = crc.filter(|&x| x != 0).map(|x| {
+            let at = encoded.len() - 4;
+            let computed = u32::from_be_bytes(encoded[at..].try_into().unwrap());
+            let received = computed ^ x;
+            encoded[at..].copy_from_slice(&received.to_be_bytes());
+            HeaderError::Crc32cMismatch { received, computed }
+        });
         let expected = if encoded.len() > MAX_HEADER_LEN {
-            Err(HeaderError::TooLong)
+            Err(HeaderError::V2TooLong(encoded.len()))
         } else if !proxy {
             // LOCAL: everything after the preamble is skipped unread.
             Ok(Header { version: 2, command, source: None, destination: None, vpc_endpoint: None })
+        } else if let Some(e) = mismatch {
+            // Judged before the endpoint id it covers.
+            Err(e)
         } else if vpce.as_deref().is_some_and(|id| id.is_empty() || !id.bytes().all(|b| b.is_ascii_graphic()))
         {
             Err(HeaderError::BadVpcEndpoint)

@@ -25,7 +25,7 @@ pub fn encode_v1(addrs: Option<(SocketAddr, SocketAddr)>) -> Vec<u8> {
 /// family, `AF_UNSPEC` with no address block for `None` or mixed families.
 /// The addresses are written for `LOCAL` too when given. The VPC endpoint id
 /// (written verbatim, unvalidated) comes first as TLV 0xEA/0x01, followed by
-/// `extra_tlvs` in order.
+/// `extra_tlvs` in order. No checksum: see [`encode_v2_with_crc`].
 ///
 /// # Panics
 ///
@@ -36,6 +36,34 @@ pub fn encode_v2(
     addrs: Option<(SocketAddr, SocketAddr)>,
     vpc_endpoint: Option<&str>,
     extra_tlvs: &[(u8, &[u8])],
+) -> Vec<u8> {
+    encode(command, addrs, vpc_endpoint, extra_tlvs, false)
+}
+
+/// [`encode_v2`], plus a CRC32C TLV ([`PP2_TYPE_CRC32C`]) as the last TLV,
+/// holding the checksum of the whole header as `proxy-protocol.txt` says (so
+/// the header's last 4 bytes are the checksum, big-endian). A CRC32C TLV in
+/// `extra_tlvs` would be a second one, which [`parse`](super::parse)
+/// refuses.
+///
+/// # Panics
+///
+/// As [`encode_v2`].
+pub fn encode_v2_with_crc(
+    command: Command,
+    addrs: Option<(SocketAddr, SocketAddr)>,
+    vpc_endpoint: Option<&str>,
+    extra_tlvs: &[(u8, &[u8])],
+) -> Vec<u8> {
+    encode(command, addrs, vpc_endpoint, extra_tlvs, true)
+}
+
+fn encode(
+    command: Command,
+    addrs: Option<(SocketAddr, SocketAddr)>,
+    vpc_endpoint: Option<&str>,
+    extra_tlvs: &[(u8, &[u8])],
+    crc: bool,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(V2_PREAMBLE_LEN + 36 + 64);
     out.extend_from_slice(&V2_SIGNATURE);
@@ -80,9 +108,18 @@ pub fn encode_v2(
     for (kind, value) in extra_tlvs {
         tlv(*kind, &[value]);
     }
+    if crc {
+        // Zero for now: the checksum covers these bytes as zeros.
+        tlv(PP2_TYPE_CRC32C, &[&[0; PP2_CRC32C_LEN]]);
+    }
 
     let len = u16::try_from(block.len()).expect("PROXY v2 block longer than 65535 bytes");
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(&block);
+    if crc {
+        let sum = CASTAGNOLI.checksum(&out);
+        let at = out.len() - PP2_CRC32C_LEN;
+        out[at..].copy_from_slice(&sum.to_be_bytes());
+    }
     out
 }

@@ -138,7 +138,7 @@ fn v1_addr_error(proto: V1Proto, source: bool) -> HeaderError {
 fn check_v1_addr(field: &[u8], proto: V1Proto, source: bool, partial: bool) -> Result<(), HeaderError> {
     if partial {
         let ok = match proto {
-            V1Proto::Tcp4 => field.len() <= 15 && field.iter().all(|b| b.is_ascii_digit() || *b == b'.'),
+            V1Proto::Tcp4 => is_ipv4_prefix(field),
             // Longest textual IPv6 form: six groups plus an embedded IPv4.
             V1Proto::Tcp6 => {
                 field.len() <= 45 && field.iter().all(|b| b.is_ascii_hexdigit() || *b == b':' || *b == b'.')
@@ -154,26 +154,46 @@ fn check_v1_addr(field: &[u8], proto: V1Proto, source: bool, partial: bool) -> R
     }
 }
 
+/// Whether `field` can be the start of a dotted-quad IPv4 address: at most
+/// four `.`-separated octets of 1 to 3 digits, each at most 255 and without a
+/// leading zero (`0` itself is an octet); only the last may still be empty.
+fn is_ipv4_prefix(field: &[u8]) -> bool {
+    let count = field.iter().filter(|&&b| b == b'.').count() + 1;
+    count <= 4
+        && field.split(|&b| b == b'.').enumerate().all(|(i, octet)| {
+            let last = i == count - 1;
+            (!octet.is_empty() || last)
+                && octet.len() <= 3
+                && octet.iter().all(u8::is_ascii_digit)
+                && !(octet.len() > 1 && octet[0] == b'0')
+                && octet.iter().fold(0u32, |v, &b| v * 10 + u32::from(b - b'0')) <= 255
+        })
+}
+
 fn v1_addr(field: &[u8], proto: V1Proto, source: bool) -> Result<IpAddr, HeaderError> {
     let err = || v1_addr_error(proto, source);
     let text = std::str::from_utf8(field).map_err(|_| err())?;
+    // std's parsers are strict: `Ipv4Addr` refuses leading zeros ("01.2.3.4",
+    // which some C parsers read as octal) and anything but four decimal
+    // octets; `is_ipv4_prefix` keeps the partial check in step with it.
     match proto {
         V1Proto::Tcp4 => text.parse::<Ipv4Addr>().map(IpAddr::V4).map_err(|_| err()),
         V1Proto::Tcp6 => text.parse::<Ipv6Addr>().map(IpAddr::V6).map_err(|_| err()),
     }
 }
 
-/// A port is 1 to 5 ASCII digits with a value of at most 65535. A `partial`
-/// field may also be empty. Returns the value (meaningless when partial).
+/// A port is 1 to 5 ASCII digits without a leading zero (`0` itself is a
+/// port) and with a value of at most 65535. A `partial` field may also be
+/// empty. Returns the value (meaningless when partial).
 fn check_v1_port(field: &[u8], source: bool, partial: bool) -> Result<u16, HeaderError> {
     let err = || {
         HeaderError::Malformed(if source {
-            "v1: source port is not a decimal number from 0 to 65535"
+            "v1: source port is not a decimal number from 0 to 65535 without leading zeros"
         } else {
-            "v1: destination port is not a decimal number from 0 to 65535"
+            "v1: destination port is not a decimal number from 0 to 65535 without leading zeros"
         })
     };
-    if field.len() > 5 || (field.is_empty() && !partial) {
+    if field.len() > 5 || (field.is_empty() && !partial) || (field.len() > 1 && field[0] == b'0') {
         return Err(err());
     }
     let mut value: u32 = 0;

@@ -44,21 +44,22 @@ pub(super) fn parse(buf: &[u8]) -> Result<Option<(Header, usize)>, HeaderError> 
     let block_len = usize::from(u16::from_be_bytes([hi, lo]));
     let total = V2_PREAMBLE_LEN + block_len;
     if total > MAX_HEADER_LEN {
-        return Err(HeaderError::TooLong);
+        return Err(HeaderError::V2TooLong(total));
     }
     if block_len < addr_len {
         return Err(HeaderError::Malformed("v2: length is shorter than the address family requires"));
     }
-    let Some(block) = buf.get(V2_PREAMBLE_LEN..total) else {
+    let Some(bytes) = buf.get(..total) else {
         return Ok(None);
     };
+    let block = &bytes[V2_PREAMBLE_LEN..];
 
     if command == Command::Local {
         let header = Header { version: 2, command, source: None, destination: None, vpc_endpoint: None };
         return Ok(Some((header, total)));
     }
 
-    let Some((addrs, tlvs)) = block.split_at_checked(addr_len) else {
+    let Some(addrs) = block.get(..addr_len) else {
         return Err(HeaderError::Malformed("v2: short address block"));
     };
     let (source, destination) = match family {
@@ -79,7 +80,9 @@ pub(super) fn parse(buf: &[u8]) -> Result<Option<(Header, usize)>, HeaderError> 
         _ => (None, None), // AF_UNSPEC, AF_UNIX
     };
 
-    let vpc_endpoint = parse_tlvs(tlvs)?;
+    let tlvs_at = V2_PREAMBLE_LEN + addr_len;
+    check_crc32c(bytes, tlvs_at)?;
+    let vpc_endpoint = vpc_endpoint(bytes, tlvs_at)?;
     let header = Header { version: 2, command, source, destination, vpc_endpoint };
     Ok(Some((header, total)))
 }
@@ -100,31 +103,83 @@ fn v2_addr_fields<const N: usize>(addrs: &[u8]) -> Result<([u8; N], [u8; N], u16
     Ok((array(0)?, array(N)?, port(2 * N)?, port(2 * N + 2)?))
 }
 
-/// Walk the TLVs; return the AWS VPC endpoint id if present.
-fn parse_tlvs(mut tlvs: &[u8]) -> Result<Option<String>, HeaderError> {
-    let mut vpc_endpoint = None;
-    while let Some((&kind, rest)) = tlvs.split_first() {
-        let Some((len, rest)) = rest.split_first_chunk::<2>() else {
-            return Err(HeaderError::BadTlv("TLV header runs past the end of the header"));
+/// One TLV: its type, the offset of its value in the header, and the value.
+type Tlv<'a> = (u8, usize, &'a [u8]);
+
+/// The TLVs of `header` from offset `at` to its end, in order; an `Err` (and
+/// then nothing more) where one runs past the end.
+fn walk(header: &[u8], mut at: usize) -> impl Iterator<Item = Result<Tlv<'_>, HeaderError>> {
+    std::iter::from_fn(move || {
+        let rest = header.get(at..).filter(|r| !r.is_empty())?;
+        let value_at = at + 3;
+        at = header.len(); // stop after this one unless it is whole
+        let Some(&[kind, hi, lo]) = rest.first_chunk::<3>() else {
+            return Some(Err(HeaderError::BadTlv("TLV header runs past the end of the header")));
         };
-        let len = usize::from(u16::from_be_bytes(*len));
-        if rest.len() < len {
-            return Err(HeaderError::BadTlv("TLV value runs past the end of the header"));
+        let len = usize::from(u16::from_be_bytes([hi, lo]));
+        let Some(value) = rest.get(3..3 + len) else {
+            return Some(Err(HeaderError::BadTlv("TLV value runs past the end of the header")));
+        };
+        at = value_at + len;
+        Some(Ok((kind, value_at, value)))
+    })
+}
+
+/// Check the framing of the TLVs of `header` (a whole v2 header) that start
+/// at `tlvs_at`, then the CRC32C TLV if there is one: exactly one, 4 bytes,
+/// holding the CRC32C of `header` with those 4 bytes taken as zero.
+fn check_crc32c(header: &[u8], tlvs_at: usize) -> Result<(), HeaderError> {
+    // Framing first: a TLV that runs past the end makes the rest moot.
+    walk(header, tlvs_at).try_for_each(|tlv| tlv.map(drop))?;
+    let mut crc = None;
+    for (kind, at, value) in walk(header, tlvs_at).flatten() {
+        if kind != PP2_TYPE_CRC32C {
+            continue;
         }
-        let (value, rest) = rest.split_at(len);
-        if kind == PP2_TYPE_AWS {
-            if let Some((&PP2_SUBTYPE_AWS_VPCE_ID, id)) = value.split_first() {
-                if vpc_endpoint.is_some() {
-                    return Err(HeaderError::BadTlv("more than one AWS VPC endpoint id TLV"));
-                }
-                if id.is_empty() || !id.iter().all(u8::is_ascii_graphic) {
-                    return Err(HeaderError::BadVpcEndpoint);
-                }
-                // Graphic ASCII is valid UTF-8.
-                vpc_endpoint = Some(String::from_utf8_lossy(id).into_owned());
+        let Ok(&received) = <&[u8; PP2_CRC32C_LEN]>::try_from(value) else {
+            return Err(HeaderError::Crc32cLength(value.len()));
+        };
+        if crc.is_some() {
+            return Err(HeaderError::BadTlv("more than one CRC32C TLV (0x03)"));
+        }
+        crc = Some((at, u32::from_be_bytes(received)));
+    }
+    let Some((at, received)) = crc else {
+        return Ok(());
+    };
+    // `walk` found the 4 value bytes at `at`, so both slices exist.
+    let before = header.get(..at).unwrap_or_default();
+    let after = header.get(at + PP2_CRC32C_LEN..).unwrap_or_default();
+    let mut digest = CASTAGNOLI.digest();
+    digest.update(before);
+    digest.update(&[0; PP2_CRC32C_LEN]);
+    digest.update(after);
+    let computed = digest.finalize();
+    if computed == received {
+        Ok(())
+    } else {
+        Err(HeaderError::Crc32cMismatch { received, computed })
+    }
+}
+
+/// The AWS VPC endpoint id among the TLVs of `header` from `tlvs_at`, if
+/// present. Their framing has been checked ([`check_crc32c`]).
+fn vpc_endpoint(header: &[u8], tlvs_at: usize) -> Result<Option<String>, HeaderError> {
+    let mut vpc_endpoint = None;
+    for (kind, _, value) in walk(header, tlvs_at).flatten() {
+        if kind != PP2_TYPE_AWS {
+            continue;
+        }
+        if let Some((&PP2_SUBTYPE_AWS_VPCE_ID, id)) = value.split_first() {
+            if vpc_endpoint.is_some() {
+                return Err(HeaderError::BadTlv("more than one AWS VPC endpoint id TLV"));
             }
+            if id.is_empty() || !id.iter().all(u8::is_ascii_graphic) {
+                return Err(HeaderError::BadVpcEndpoint);
+            }
+            // Graphic ASCII is valid UTF-8.
+            vpc_endpoint = Some(String::from_utf8_lossy(id).into_owned());
         }
-        tlvs = rest;
     }
     Ok(vpc_endpoint)
 }
