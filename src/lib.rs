@@ -27,7 +27,8 @@
 //! | [`proxy_protocol`] | PROXY v1/v2 header parsing and encoding (pure, no I/O) |
 //! | `sockopt` | keepalive, nodelay, user timeout; listener sockets |
 //! | [`metrics`] | every Prometheus series and label |
-//! | `admin` | `/metrics`, `/healthz`, `/readyz` |
+//! | `http` | the HTTP/1.1 server (hyper) both HTTP surfaces share; the PROXY-header rewind |
+//! | `admin` | the admin port's routes: `/metrics`, `/healthz`, `/readyz` |
 //! | [`logging`] | text/JSON logs, `RUST_LOG` |
 //! | `systemd` | sd_notify and the watchdog |
 //! | [`ssh_config`] | rendering `ssh_config(5)` blocks |
@@ -41,6 +42,7 @@ mod admin;
 pub mod cli;
 pub mod config;
 mod forward;
+mod http;
 mod listener;
 pub mod logging;
 pub mod metrics;
