@@ -12,7 +12,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Access, Admin, Config, Keepalive, Listen, Log, LogFormat, ProxyMode, ProxyProtocol, Timeouts};
+use super::{
+    Access, Admin, Config, Control, Keepalive, Listen, Log, LogFormat, ProxyMode, ProxyProtocol, Timeouts,
+};
 
 /// `listen.address`: every IPv4 address of the host, so the NLB can reach it
 /// on whichever interface it uses.
@@ -51,6 +53,21 @@ pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ip
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 /// `log.level`: one line per session end and per rejection, no debug noise.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// The file name of the default control socket, in `$RUNTIME_DIRECTORY`.
+pub const CONTROL_SOCKET_NAME: &str = "control.sock";
+/// `control.socket`: `$RUNTIME_DIRECTORY/control.sock` when systemd set
+/// `RUNTIME_DIRECTORY` (the first directory when it lists several), else
+/// off, so a node started by hand opens no socket it was not asked for.
+pub fn default_control_socket() -> Option<PathBuf> {
+    let dirs = std::env::var_os("RUNTIME_DIRECTORY")?;
+    let first =
+        dirs.to_str().map_or(PathBuf::from(&dirs), |s| PathBuf::from(s.split(':').next().unwrap_or(s)));
+    if first.as_os_str().is_empty() {
+        return None;
+    }
+    Some(first.join(CONTROL_SOCKET_NAME))
+}
+
 /// `access.max_connections`: 0 = unlimited, the limit is opt-in.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 0;
 /// `access.max_per_source`: 0 = unlimited, the limit is opt-in.
@@ -83,6 +100,7 @@ impl Config {
             },
             admin: Admin { listen: Some(DEFAULT_ADMIN_LISTEN) },
             log: Log { format: DEFAULT_LOG_FORMAT, level: DEFAULT_LOG_LEVEL.to_owned() },
+            control: Control { socket: default_control_socket() },
             access: Access {
                 allow: None,
                 endpoints: Vec::new(),

@@ -46,6 +46,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
+    pub control: RawControl,
+    #[serde(default)]
     pub access: RawAccess,
     #[serde(default)]
     pub route: Vec<Spanned<RawRoute>>,
@@ -115,6 +117,14 @@ pub struct RawAdmin {
 pub struct RawLog {
     pub format: Option<Spanned<String>>,
     pub level: Option<Spanned<String>>,
+}
+
+/// `[control]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawControl {
+    /// A path (relative to the config file's directory) or `"off"`.
+    pub socket: Option<Spanned<String>>,
 }
 
 /// `[access]`: defaults for routes.
