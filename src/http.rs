@@ -1,5 +1,6 @@
 //! HTTP/1.1 plumbing shared by both HTTP surfaces, the TCP admin port
-//! ([`admin`](crate::admin)) and the control socket (to come): hyper's `http1` server, one request per
+//! ([`admin`](crate::admin)) and the control socket
+//! ([`control`](crate::control)): hyper's `http1` server, one request per
 //! connection, `Connection: close`, a bounded request head, body and time.
 //!
 //! hyper parses the request and answers malformed ones itself (400, or 431
@@ -14,9 +15,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -70,6 +71,36 @@ pub(crate) fn respond(code: StatusCode, ctype: &'static str, body: impl Into<Byt
 /// A plain-text response.
 pub(crate) fn text(code: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     respond(code, "text/plain", body)
+}
+
+/// A JSON response (one line, newline-terminated).
+pub(crate) fn json(code: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut body = value.to_string();
+    body.push('\n');
+    respond(code, "application/json", body)
+}
+
+/// Why a request body was not read.
+#[derive(Debug)]
+pub(crate) enum BodyError {
+    /// Larger than the bound (answer 413).
+    TooLarge,
+    /// The client went away or sent a broken body (answer 400).
+    Broken,
+}
+
+/// Read a request body of at most `max` bytes; a `Content-Length` above it
+/// is refused before anything is read.
+pub(crate) async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, BodyError> {
+    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    match Limited::new(req.into_body(), max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
+        Err(_) => Err(BodyError::Broken),
+    }
 }
 
 /// A stream that first gives back bytes already read from it (a PROXY

@@ -55,6 +55,11 @@ pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// The file name of the default control socket, in `$RUNTIME_DIRECTORY`.
 pub const CONTROL_SOCKET_NAME: &str = "control.sock";
+/// Where `portgate reload` looks last, when neither `--socket`, the config
+/// nor `RUNTIME_DIRECTORY` names a socket: the shipped unit's
+/// `RuntimeDirectory=portgate`.
+pub const FALLBACK_CONTROL_SOCKET: &str = "/run/portgate/control.sock";
+
 /// `control.socket`: `$RUNTIME_DIRECTORY/control.sock` when systemd set
 /// `RUNTIME_DIRECTORY` (the first directory when it lists several), else
 /// off, so a node started by hand opens no socket it was not asked for.
