@@ -276,3 +276,20 @@ fn the_admin_port_does_not_offer_control_verbs() {
     assert!(out.starts_with("HTTP/1.1 404"), "{out}");
     assert_eq!(pg.reload()["message"], "config reloaded", "SIGHUP still reloads");
 }
+
+#[test]
+fn the_socket_serves_through_the_drain_and_refuses_reloads_then() {
+    let echo = echo_server();
+    let base = free_ports(1);
+    let cfg = config(&[("a", base)], echo) + "[timeouts]\nshutdown_delay = \"3s\"\n";
+    let mut pg = Portgate::start(&cfg);
+    let socket = socket_of(&pg);
+    pg.signal(libc::SIGTERM);
+    pg.wait_log(|l| l.contains("shutting down"), SOON);
+    let (code, body) = request(&socket, "POST", "/reload");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("shutting down"), "{body}");
+    assert_eq!(request(&socket, "GET", "/nope").0, 404, "still served while draining");
+    assert!(pg.wait_exit(SOON).success());
+    assert!(!socket.exists());
+}
