@@ -1,7 +1,8 @@
 //! The admin HTTP endpoint: `GET /metrics`, `/healthz`, `/readyz`.
 //!
-//! A deliberately small HTTP/1.x server: one request per connection,
-//! `Connection: close`, bounded request size and time. It accepts an optional
+//! Served by [`crate::http`] (one request per connection, `Connection:
+//! close`, bounded request size and time); this file holds the routes and
+//! the PROXY header in front of the request. It accepts an optional
 //! PROXY v1/v2 header first (from `proxy_protocol.trusted` peers only), so
 //! `/readyz` can serve as the NLB's HTTP health check on a PROXY-enabled
 //! target group. It must stay off the proxy's data path.
@@ -11,19 +12,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::http::{self, Body, Rewind};
 use crate::node::state::NodeState;
 use crate::proxy_protocol;
 use crate::sockopt;
 
-/// A request head must arrive within this time.
-const ADMIN_READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest request head (PROXY header included) we read.
-const MAX_REQUEST: usize = 16 * 1024;
+/// One exchange (PROXY header, request and answer) must end within this
+/// time; the request head is bounded by [`http::HEAD_TIMEOUT`] too.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The running admin listener.
 pub(crate) struct AdminServer {
@@ -57,7 +60,7 @@ async fn serve(listener: TcpListener, state: Arc<NodeState>, cancel: Cancellatio
             Ok((stream, peer)) => {
                 let state = Arc::clone(&state);
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(ADMIN_READ_TIMEOUT, handle(stream, peer, &state)).await;
+                    let _ = tokio::time::timeout(ADMIN_TIMEOUT, handle(stream, peer, state)).await;
                 });
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -65,35 +68,48 @@ async fn serve(listener: TcpListener, state: Arc<NodeState>, cancel: Cancellatio
     }
 }
 
-async fn handle(mut stream: TcpStream, peer: SocketAddr, state: &NodeState) -> io::Result<()> {
+async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<NodeState>) -> io::Result<()> {
+    // The PROXY header, if any, is read here; hyper gets the rest.
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
-    let mut head_start = None;
-    loop {
+    let start = loop {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
             return Ok(());
         }
         buf.extend_from_slice(&chunk[..n]);
-        if head_start.is_none() {
-            match strip_proxy_header(&buf, peer, state) {
-                Strip::NeedMore => {}
-                Strip::Reject => {
-                    return respond(&mut stream, 400, "text/plain", "bad PROXY header\n", false).await
-                }
-                Strip::Start(at) => head_start = Some(at),
+        match strip_proxy_header(&buf, peer, &state) {
+            Strip::NeedMore if buf.len() > http::MAX_HEAD => {
+                return refuse(
+                    &mut stream,
+                    "431 Request Header Fields Too Large",
+                    "request header too large\n",
+                )
+                .await
             }
+            Strip::NeedMore => {}
+            Strip::Reject => return refuse(&mut stream, "400 Bad Request", "bad PROXY header\n").await,
+            Strip::Start(at) => break at,
         }
-        if let Some(at) = head_start {
-            if let Some(end) = find(&buf[at..], b"\r\n\r\n").or_else(|| find(&buf[at..], b"\n\n")) {
-                let head = &buf[at..at + end];
-                return route(&mut stream, head, state).await;
-            }
-        }
-        if buf.len() > MAX_REQUEST {
-            return respond(&mut stream, 431, "text/plain", "request header too large\n", false).await;
-        }
-    }
+    };
+    buf.drain(..start);
+    http::serve_one(Rewind::new(buf, stream), move |req| {
+        let answer = route(&req, &state);
+        std::future::ready(answer)
+    })
+    .await;
+    Ok(())
+}
+
+/// The answer to a connection whose PROXY header is refused, before any
+/// HTTP has been read.
+async fn refuse(stream: &mut TcpStream, status: &str, body: &str) -> io::Result<()> {
+    let out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(out.as_bytes()).await?;
+    stream.shutdown().await
 }
 
 enum Strip {
@@ -135,64 +151,23 @@ fn strip_proxy_header(buf: &[u8], peer: SocketAddr, state: &NodeState) -> Strip 
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-async fn route(stream: &mut TcpStream, head: &[u8], state: &NodeState) -> io::Result<()> {
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.trim_end().split(' ');
-    let method = parts.next().unwrap_or_default();
-    let target = parts.next().unwrap_or_default();
-    let path = target.split('?').next().unwrap_or_default();
-    let head_only = method == "HEAD";
-    if method != "GET" && !head_only {
-        return respond(stream, 405, "text/plain", "only GET and HEAD\n", head_only).await;
+/// The admin routes. Control verbs (`/reload`, ...) are not among them:
+/// they are served on the control socket only, so here they are 404.
+fn route(req: &Request<Incoming>, state: &NodeState) -> Response<Body> {
+    let path = req.uri().path();
+    if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
+        return http::text(StatusCode::NOT_FOUND, "not found; try /metrics, /healthz or /readyz\n");
+    }
+    // hyper writes no body for HEAD, but keeps its Content-Length.
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return http::text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
     }
     match path {
         "/metrics" => {
-            let body = state.metrics.render();
-            respond(stream, 200, "text/plain; version=0.0.4; charset=utf-8", &body, head_only).await
+            http::respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", state.metrics.render())
         }
-        "/healthz" => respond(stream, 200, "text/plain", "ok\n", head_only).await,
-        "/readyz" => {
-            if state.is_ready() {
-                respond(stream, 200, "text/plain", "ready\n", head_only).await
-            } else {
-                respond(stream, 503, "text/plain", "not ready\n", head_only).await
-            }
-        }
-        _ => {
-            respond(stream, 404, "text/plain", "not found; try /metrics, /healthz or /readyz\n", head_only)
-                .await
-        }
+        "/healthz" => http::text(StatusCode::OK, "ok\n"),
+        _ if state.is_ready() => http::text(StatusCode::OK, "ready\n"),
+        _ => http::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
     }
-}
-
-async fn respond(
-    stream: &mut TcpStream,
-    code: u16,
-    ctype: &str,
-    body: &str,
-    head_only: bool,
-) -> io::Result<()> {
-    let reason = match code {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        _ => "Service Unavailable",
-    };
-    let mut out = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if !head_only {
-        out.extend_from_slice(body.as_bytes());
-    }
-    stream.write_all(&out).await?;
-    stream.shutdown().await
 }

@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `routes`, `ssh-config`.
+//! The command line: `run`, `check`, `routes`, `ssh-config`, `reload`.
 //!
 //! Parsing only; the commands' work lives in the library. Text rendered for
 //! `check` and `routes` is built here from a validated config.
@@ -36,6 +36,20 @@ pub enum Command {
     Routes(ConfigArg),
     /// Print an ssh_config(5) block per SSH route.
     SshConfig(SshConfigArgs),
+    /// Ask the running node to reload its config (over the control socket);
+    /// exit 0 once the new config serves, 1 with every problem on stderr.
+    Reload(ReloadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// Config file whose `[control] socket` names the socket (only that key
+    /// is read).
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The control socket; wins over the config.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -15,9 +15,9 @@
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | [`cli`] | the command line (clap): `run`, `check`, `routes`, `ssh-config`; `check`/`routes` output |
+//! | [`cli`] | the command line (clap): `run`, `check`, `routes`, `ssh-config`, `reload`; `check`/`routes` output |
 //! | [`config`] | loading, includes and validation of the TOML file; defaults; the config hash |
-//! | `node` | the running node: startup and the signal loop; its steps `reload` and `shutdown` |
+//! | `node` | the running node: startup and the event loop (signals, control requests); its steps `reload` and `shutdown` |
 //! | `node::state` | the published snapshot and the publish/observe protocol (a leaf) |
 //! | `listener` | binding the port set, the accept loop, reconciling on reload |
 //! | `session` | one connection: `header`, `admission`, `dial`, forwarding watch, `record` |
@@ -27,7 +27,9 @@
 //! | [`proxy_protocol`] | PROXY v1/v2 header parsing and encoding (pure, no I/O) |
 //! | `sockopt` | keepalive, nodelay, user timeout; listener sockets |
 //! | [`metrics`] | every Prometheus series and label |
-//! | `admin` | `/metrics`, `/healthz`, `/readyz` |
+//! | `http` | the HTTP/1.1 server (hyper) both HTTP surfaces share; the PROXY-header rewind |
+//! | `admin` | the admin port's routes: `/metrics`, `/healthz`, `/readyz` |
+//! | [`control`] | the control socket's routes (`POST /reload`), its file, and the `portgate reload` client |
 //! | [`logging`] | text/JSON logs, `RUST_LOG` |
 //! | `systemd` | sd_notify and the watchdog |
 //! | [`ssh_config`] | rendering `ssh_config(5)` blocks |
@@ -40,7 +42,9 @@
 mod admin;
 pub mod cli;
 pub mod config;
+pub mod control;
 mod forward;
+mod http;
 mod listener;
 pub mod logging;
 pub mod metrics;

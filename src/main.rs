@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use portgate::cli::{self, Cli, Command};
 use portgate::config::{Config, ConfigError};
+use portgate::control::client;
 use portgate::ssh_config::{self, SshOptions};
 use portgate::{logging, Signal};
 use tokio::sync::mpsc;
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
             }
             None => ExitCode::from(1),
         },
+        Command::Reload(a) => reload(a.socket.as_deref(), &a.config.config),
         Command::SshConfig(a) => {
             let Some(cfg) = load(&a.config.config) else { return ExitCode::from(1) };
             let opts = SshOptions { host: a.host, user: a.user, identity_file: a.identity_file };
@@ -78,6 +80,30 @@ fn load(path: &Path) -> Option<Config> {
                 path.display()
             );
             None
+        }
+    }
+}
+
+/// `portgate reload`: one line on stdout when applied, every problem on
+/// stderr (one per line) when not.
+fn reload(socket: Option<&Path>, config: &Path) -> ExitCode {
+    let socket = match client::find_socket(socket, config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("portgate: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match client::reload(&socket) {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(lines) => {
+            for l in &lines {
+                eprintln!("{l}");
+            }
+            ExitCode::from(1)
         }
     }
 }

@@ -13,7 +13,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{
-    Access, Admin, Audit, Config, Keepalive, Listen, Log, LogFormat, ProxyMode, ProxyProtocol, Timeouts,
+    Access, Admin, Audit, Config, Control, Keepalive, Listen, Log, LogFormat, ProxyMode, ProxyProtocol,
+    Timeouts,
 };
 
 /// `listen.address`: every IPv4 address of the host, so the NLB can reach it
@@ -60,6 +61,26 @@ pub const DEFAULT_LOG_QUEUE_LINES: usize = 8192;
 /// `log.audit`: keep admitting when the log sink stalls (lines are dropped
 /// and counted); `required` is the opt-in for a complete audit trail.
 pub const DEFAULT_LOG_AUDIT: Audit = Audit::BestEffort;
+/// The file name of the default control socket, in `$RUNTIME_DIRECTORY`.
+pub const CONTROL_SOCKET_NAME: &str = "control.sock";
+/// Where `portgate reload` looks last, when neither `--socket`, the config
+/// nor `RUNTIME_DIRECTORY` names a socket: the shipped unit's
+/// `RuntimeDirectory=portgate`.
+pub const FALLBACK_CONTROL_SOCKET: &str = "/run/portgate/control.sock";
+
+/// `control.socket`: `$RUNTIME_DIRECTORY/control.sock` when systemd set
+/// `RUNTIME_DIRECTORY` (the first directory when it lists several), else
+/// off, so a node started by hand opens no socket it was not asked for.
+pub fn default_control_socket() -> Option<PathBuf> {
+    let dirs = std::env::var_os("RUNTIME_DIRECTORY")?;
+    let first =
+        dirs.to_str().map_or(PathBuf::from(&dirs), |s| PathBuf::from(s.split(':').next().unwrap_or(s)));
+    if first.as_os_str().is_empty() {
+        return None;
+    }
+    Some(first.join(CONTROL_SOCKET_NAME))
+}
+
 /// `access.max_connections`: 0 = unlimited, the limit is opt-in.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 0;
 /// `access.max_per_source`: 0 = unlimited, the limit is opt-in.
@@ -97,6 +118,7 @@ impl Config {
                 queue_lines: DEFAULT_LOG_QUEUE_LINES,
                 audit: DEFAULT_LOG_AUDIT,
             },
+            control: Control { socket: default_control_socket() },
             access: Access {
                 allow: None,
                 endpoints: Vec::new(),

@@ -52,6 +52,9 @@ pub struct Config {
     pub admin: Admin,
     /// How log lines look and how many there are.
     pub log: Log,
+    /// Where the local control socket (`POST /reload`, `portgate reload`)
+    /// listens, if anywhere.
+    pub control: Control,
     /// The `[access]` section as written. Routes already carry the values
     /// they inherit from it; only `max_per_source` is read from here.
     pub access: Access,
@@ -194,6 +197,18 @@ pub struct Admin {
     /// and health checks; never a port a route listener takes. `None` =
     /// "off".
     pub listen: Option<SocketAddr>,
+}
+
+/// `[control]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Control {
+    /// The Unix socket the control verbs are served on (HTTP/1.1, mode
+    /// 0600), already resolved against the config file's directory; `None`
+    /// = "off". A reload cannot change it (it needs a restart). Not part of
+    /// [`Config::hash`]: like `source`, it is a local file path, and its
+    /// default depends on the environment (`RUNTIME_DIRECTORY`), so two
+    /// nodes running the same file must not hash differently because of it.
+    pub socket: Option<PathBuf>,
 }
 
 /// `[log]`.
@@ -367,6 +382,8 @@ impl Config {
             max_per_source: u32,
             routes: Vec<&'a Route>,
         }
+        // `source` and `control.socket` are left out: local paths, the
+        // latter with an environment-dependent default (see `Control`).
         let mut routes: Vec<&Route> = self.routes.iter().map(|r| r.as_ref()).collect();
         routes.sort_by(|a, b| (a.port, &a.via).cmp(&(b.port, &b.via)));
         let canonical = Canonical {

@@ -46,6 +46,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
+    pub control: RawControl,
+    #[serde(default)]
     pub access: RawAccess,
     #[serde(default)]
     pub route: Vec<Spanned<RawRoute>>,
@@ -119,6 +121,14 @@ pub struct RawLog {
     pub queue_lines: Option<Spanned<i64>>,
     /// `"best_effort"` or `"required"`.
     pub audit: Option<Spanned<String>>,
+}
+
+/// `[control]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawControl {
+    /// A path (relative to the config file's directory) or `"off"`.
+    pub socket: Option<Spanned<String>>,
 }
 
 /// `[access]`: defaults for routes.

@@ -81,6 +81,10 @@ pub fn to_toml(cfg: &Config) -> String {
     };
     let _ = writeln!(o, "audit = {}", quote(audit));
 
+    let _ = writeln!(o, "\n[control]");
+    let socket = cfg.control.socket.as_ref().map_or_else(|| "off".to_owned(), |p| p.display().to_string());
+    let _ = writeln!(o, "socket = {}", quote(&socket));
+
     // Routes carry their effective values; [access] is kept for what it
     // still decides (max_per_source) and for the reader.
     let acc = &cfg.access;

@@ -2,9 +2,13 @@
 //!
 //! [`run`] takes a validated [`Config`] and a stream of [`Signal`]s; the
 //! caller decides where signals come from (`main.rs` wires SIGHUP, SIGTERM
-//! and SIGINT; tests can send their own). Startup binds every listener and
-//! the admin port before telling systemd it is ready; any bind failure ends
-//! startup with an error and nothing left listening.
+//! and SIGINT; tests can send their own). The event loop also takes
+//! [`NodeRequest`]s from the control socket, each with a oneshot reply; a
+//! SIGHUP and a `POST /reload` run the same [`Node::reload`]. Startup claims
+//! the control socket first (so a second node on the same socket fails before
+//! binding anything), then binds every listener and the admin port before
+//! telling systemd it is ready; any failure ends startup with an error and
+//! nothing left listening.
 //!
 //! The node's steps live in files of their own and are methods of [`Node`]:
 //! `reload.rs` (SIGHUP) and `shutdown.rs` (SIGTERM). Neither calls the other,
@@ -23,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::AdminServer;
 use crate::config::Config;
+use crate::control::{ControlServer, NodeRequest};
 use crate::listener::{BindError, ListenerSet};
 use crate::logging::LogControl;
 use crate::metrics::Metrics;
@@ -45,7 +50,13 @@ pub enum StartError {
     Bind(#[from] BindError),
     #[error("cannot listen on admin address {addr}: {source}")]
     Admin { addr: std::net::SocketAddr, source: std::io::Error },
+    /// The control socket could not be claimed (the message says why).
+    #[error("{0}")]
+    Control(String),
 }
+
+/// Queued control requests; each holds its client until answered.
+const REQUEST_QUEUE: usize = 16;
 
 /// The node while it runs: what its steps (reload, shutdown) work on.
 struct Node {
@@ -55,6 +66,8 @@ struct Node {
     listeners: ListenerSet,
     /// `None` when `[admin] listen = "off"`.
     admin: Option<AdminServer>,
+    /// `None` when `[control] socket = "off"`; served until exit.
+    control: Option<ControlServer>,
     /// The file a reload re-reads (the one the node was started with).
     config_path: PathBuf,
     /// Lets a reload change the log level and queue bound.
@@ -62,23 +75,42 @@ struct Node {
 }
 
 impl Node {
-    /// Bind every listener and the admin port; start accepting.
-    async fn start(config: Config, log: LogControl) -> Result<Node, StartError> {
+    /// Claim the control socket, bind every listener and the admin port;
+    /// start accepting.
+    async fn start(
+        config: Config,
+        log: LogControl,
+        requests: mpsc::Sender<NodeRequest>,
+    ) -> Result<Node, StartError> {
         let metrics = Arc::new(Metrics::new());
         let config_path = config.source.clone();
         let addr = config.listen.address;
         let ports = config.listen_ports();
         let admin_addr = config.admin.listen;
         let keepalive = config.keepalive.clone();
+        let control_path = config.control.socket.clone();
         let state = NodeState::new(config, metrics);
 
-        let mut listeners = ListenerSet::default();
-        let bound = listeners.bind_new(addr, &ports, &keepalive)?;
-        let admin = match admin_addr {
-            Some(a) => Some(
-                AdminServer::bind(a, Arc::clone(&state))
-                    .map_err(|source| StartError::Admin { addr: a, source })?,
+        // Before any listener: two nodes must never share one socket.
+        let control = match &control_path {
+            Some(p) => Some(
+                ControlServer::bind(p, Arc::clone(&state), requests)
+                    .map_err(|e| StartError::Control(e.to_string()))?,
             ),
+            None => None,
+        };
+        let mut listeners = ListenerSet::default();
+        let bound = match listeners.bind_new(addr, &ports, &keepalive) {
+            Ok(b) => b,
+            Err(e) => return Err(close_control(control, e.into()).await),
+        };
+        let admin = match admin_addr {
+            Some(a) => match AdminServer::bind(a, Arc::clone(&state)) {
+                Ok(s) => Some(s),
+                Err(source) => {
+                    return Err(close_control(control, StartError::Admin { addr: a, source }).await)
+                }
+            },
             None => None,
         };
         listeners.commit(bound, &ports, &keepalive, &state).await;
@@ -90,11 +122,20 @@ impl Node {
             listeners = ports.len(),
             routes = snap.table.len(),
             admin = %admin_addr.map_or("off".to_string(), |a| a.to_string()),
+            control = %control_path.as_ref().map_or("off".to_string(), |p| p.display().to_string()),
             hash = %snap.hash,
             "portgate ready"
         );
-        Ok(Node { state, listeners, admin, config_path, log })
+        Ok(Node { state, listeners, admin, control, config_path, log })
     }
+}
+
+/// A failed start leaves no socket file behind.
+async fn close_control(control: Option<ControlServer>, e: StartError) -> StartError {
+    if let Some(c) = control {
+        c.close().await;
+    }
+    e
 }
 
 /// Serve `config` until a [`Signal::Terminate`] (or the end of `signals`),
@@ -104,7 +145,8 @@ pub async fn run(
     log: LogControl,
     mut signals: mpsc::Receiver<Signal>,
 ) -> Result<(), StartError> {
-    let mut node = Node::start(config, log).await?;
+    let (request_tx, mut requests) = mpsc::channel(REQUEST_QUEUE);
+    let mut node = Node::start(config, log, request_tx).await?;
     let state = Arc::clone(&node.state);
     systemd::notify_ready(&state.status_line());
     let background = CancellationToken::new();
@@ -112,16 +154,33 @@ pub async fn run(
     systemd::spawn_watchdog(move || status.status_line(), background.clone());
     crate::metrics::spawn_upkeep(Arc::clone(&state.metrics), background.clone());
 
-    while let Some(sig) = signals.recv().await {
-        match sig {
-            Signal::Reload => node.reload().await,
-            Signal::Terminate => break,
+    loop {
+        tokio::select! {
+            sig = signals.recv() => match sig {
+                Some(Signal::Reload) => {
+                    node.reload().await;
+                }
+                Some(Signal::Terminate) | None => break,
+            },
+            // Disabled once no sender is left (control socket off).
+            Some(req) = requests.recv() => match req {
+                NodeRequest::Reload(reply) => {
+                    let outcome = node.reload().await;
+                    let _ = reply.send(outcome);
+                }
+            },
         }
     }
+    // Control requests from now on are answered "shutting down" (their
+    // replies are dropped); the socket itself serves through the drain.
+    drop(requests);
     node.shutdown(&mut signals).await;
     background.cancel();
     if let Some(admin) = node.admin.take() {
         admin.close().await;
+    }
+    if let Some(control) = node.control.take() {
+        control.close().await;
     }
     Ok(())
 }

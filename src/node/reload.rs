@@ -1,4 +1,6 @@
-//! SIGHUP: re-read the config, and swap it in only if all of it is good.
+//! SIGHUP and `POST /reload`: re-read the config, and swap it in only if all
+//! of it is good. Both run [`Node::reload`], which returns the outcome the
+//! control socket answers with and SIGHUP only logs.
 //!
 //! The file is loaded and validated off the async workers. An invalid file
 //! changes nothing. A valid one is applied in an order that never refuses a
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use super::Node;
 use crate::admin::AdminServer;
 use crate::config::{self, Config, Route};
+use crate::control::{ReloadOutcome, ReloadSummary};
 use crate::node::state::Snapshot;
 use crate::systemd;
 
@@ -25,6 +28,10 @@ pub(crate) enum ApplyError {
         "listen.address changed from {old} to {new}; this needs a restart (the old config keeps serving)"
     )]
     AddressChanged { old: std::net::IpAddr, new: std::net::IpAddr },
+    #[error(
+        "control.socket changed from {old} to {new}; this needs a restart (the old config keeps serving)"
+    )]
+    ControlChanged { old: String, new: String },
     #[error(transparent)]
     Bind(#[from] crate::listener::BindError),
     #[error("cannot listen on admin address {addr}: {source}")]
@@ -57,8 +64,9 @@ fn diff_routes(old: &[Arc<Route>], new: &[Arc<Route>]) -> RouteDiff {
 }
 
 impl Node {
-    /// Handle one SIGHUP.
-    pub(super) async fn reload(&mut self) {
+    /// Handle one SIGHUP or `POST /reload`: count and log the result, and
+    /// return it.
+    pub(super) async fn reload(&mut self) -> ReloadOutcome {
         systemd::notify_reloading();
         let path = self.config_path.clone();
         // Its own thread, not the runtime's blocking pool: hung name lookups
@@ -72,37 +80,50 @@ impl Node {
             Err(e) => Err(format!("cannot start the loader thread: {e}")),
         };
         let metrics = Arc::clone(&self.state.metrics);
-        let result = match loaded {
-            Ok(Ok(new)) => self.apply(new).await.map_err(|e| e.to_string()),
-            Ok(Err(e)) => Err(e.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")),
-            Err(e) => Err(format!("config loader failed: {e}")),
+        let outcome = match loaded {
+            Ok(Ok(new)) => match self.apply(new).await {
+                Ok(summary) => ReloadOutcome::Applied(summary),
+                Err(e) => ReloadOutcome::Refused(vec![e.to_string()]),
+            },
+            Ok(Err(e)) => ReloadOutcome::Refused(e.problems.iter().map(|p| p.to_string()).collect()),
+            Err(e) => ReloadOutcome::Refused(vec![format!("config loader failed: {e}")]),
         };
-        match result {
-            Ok(()) => {
+        match &outcome {
+            ReloadOutcome::Applied(_) => {
                 metrics.reloads_success.increment(1);
                 metrics.last_reload_success.set(1.0);
             }
-            Err(reason) => {
+            ReloadOutcome::Refused(problems) => {
                 metrics.reloads_failure.increment(1);
                 metrics.last_reload_success.set(0.0);
                 tracing::error!(
                     config = %self.config_path.display(),
-                    reason = %reason,
+                    reason = %problems.join("; "),
                     "config reload failed; still serving the previous config"
                 );
             }
         }
         systemd::notify_ready(&self.state.status_line());
+        outcome
     }
 
     /// Apply a validated config: all or nothing.
-    async fn apply(&mut self, new: Config) -> Result<(), ApplyError> {
+    async fn apply(&mut self, new: Config) -> Result<ReloadSummary, ApplyError> {
         let state = Arc::clone(&self.state);
         let old = state.snapshot();
         if new.listen.address != old.config.listen.address {
             return Err(ApplyError::AddressChanged {
                 old: old.config.listen.address,
                 new: new.listen.address,
+            });
+        }
+        if new.control.socket != old.config.control.socket {
+            let show = |p: &Option<std::path::PathBuf>| {
+                p.as_ref().map_or("off".to_owned(), |p| p.display().to_string())
+            };
+            return Err(ApplyError::ControlChanged {
+                old: show(&old.config.control.socket),
+                new: show(&new.control.socket),
             });
         }
         let ports = new.listen_ports();
@@ -145,7 +166,16 @@ impl Node {
             hash = %snap.hash,
             "config reloaded"
         );
-        Ok(())
+        // Sessions judge themselves against the new snapshot (session/mod.rs)
+        // and keep no registry the node could ask, so the number revoked is
+        // not known here yet: reported as 0 until sessions are registered.
+        Ok(ReloadSummary {
+            added: diff.added,
+            removed: diff.removed,
+            changed: diff.changed,
+            revoking: 0,
+            hash: snap.hash.clone(),
+        })
     }
 }
 

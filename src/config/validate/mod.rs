@@ -7,7 +7,7 @@
 //! [`validate`] calls one function per section of the file, in file order,
 //! so problems come out in that order; each section lives in its own file
 //! (`listen.rs`, `proxy_protocol.rs`, `keepalive.rs`, `timeouts.rs`,
-//! `admin.rs`, `log.rs`, `access.rs`, `routes.rs`). This file holds the
+//! `admin.rs`, `log.rs`, `control.rs`, `access.rs`, `routes.rs`). This file holds the
 //! value checks every section shares (`Ctx`). Values a key falls back to
 //! come from [`defaults`](super::defaults), never from here.
 //!
@@ -16,6 +16,7 @@
 
 mod access;
 mod admin;
+mod control;
 mod keepalive;
 mod listen;
 mod log;
@@ -186,6 +187,7 @@ pub fn validate(path: &Path, tree: &Tree) -> Result<Config, ConfigError> {
     let timeouts = timeouts::check(&mut cx, &raw.timeouts);
     let admin = admin::check(&mut cx, &raw.admin);
     let log = log::check(&mut cx, &raw.log);
+    let control = control::check(&mut cx, path, &raw.control);
     let access = access::check(&mut cx, &raw.access, proxy_protocol.mode);
     let inherited = routes::Inherited { ports: listen.ports, mode: proxy_protocol.mode, access: &access };
     let routes = routes::check(&mut cx, &tree.routes, &inherited);
@@ -203,6 +205,7 @@ pub fn validate(path: &Path, tree: &Tree) -> Result<Config, ConfigError> {
         timeouts,
         admin,
         log,
+        control,
         access,
         routes,
     })
@@ -238,6 +241,7 @@ mod tests {
         assert_eq!(c.keepalive, d.keepalive);
         assert_eq!(c.timeouts, d.timeouts);
         assert_eq!(c.admin, d.admin);
+        assert_eq!(c.control, d.control);
         assert_eq!(c.log, d.log);
         assert_eq!(c.routes[0].tenant, "a");
         assert_eq!(c.routes[0].allow, vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]);

@@ -1,0 +1,202 @@
+//! The control socket: HTTP/1.1 over a Unix stream socket (mode 0600), for
+//! the service user and root only. The TCP admin port never offers these
+//! verbs.
+//!
+//! | request | answer |
+//! | --- | --- |
+//! | `POST /reload` | the same as SIGHUP, answered when done: 200 with what changed, or 422 with every problem |
+//!
+//! Served by [`crate::http`]; this file holds the routes. A verb that needs
+//! the node's steps (a reload) is sent to the node's event loop as a
+//! [`NodeRequest`] carrying a oneshot reply, so it runs exactly where a
+//! SIGHUP does; a verb that only reads state can read [`NodeState`]. More
+//! verbs (sessions, upgrade) are added here, each a route and, if it needs
+//! the node, a [`NodeRequest`] variant. The file itself is handled by
+//! [`socket`]; the command-line side is [`client`].
+
+pub mod client;
+pub(crate) mod socket;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::{self, Body};
+use crate::node::state::NodeState;
+use socket::{SocketError, SocketFile};
+
+/// Largest request body read; no verb needs one yet.
+const MAX_BODY: usize = 64 * 1024;
+/// One exchange must end within this time. A reload usually takes
+/// milliseconds; this bounds a client, not the reload (which completes
+/// even if its client is gone).
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the control socket asks of the node's event loop.
+pub(crate) enum NodeRequest {
+    /// `POST /reload`: reload like SIGHUP, and say how it went.
+    Reload(oneshot::Sender<ReloadOutcome>),
+}
+
+/// How a reload ended, for SIGHUP's log and `POST /reload`'s answer alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ReloadOutcome {
+    /// The new config serves.
+    Applied(ReloadSummary),
+    /// The old config keeps serving; one message per problem.
+    Refused(Vec<String>),
+}
+
+/// What an applied reload changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ReloadSummary {
+    /// Route names, sorted.
+    pub(crate) added: Vec<String>,
+    pub(crate) removed: Vec<String>,
+    /// Same name, different settings.
+    pub(crate) changed: Vec<String>,
+    /// Running sessions the new config revokes after `revoke_grace`.
+    pub(crate) revoking: usize,
+    /// The new `portgate_config_info` hash.
+    pub(crate) hash: String,
+}
+
+impl ReloadOutcome {
+    /// The JSON answer of `POST /reload`.
+    fn to_json(&self) -> (StatusCode, serde_json::Value) {
+        match self {
+            ReloadOutcome::Applied(s) => (
+                StatusCode::OK,
+                serde_json::json!({
+                    "result": "success",
+                    "added": s.added,
+                    "removed": s.removed,
+                    "changed": s.changed,
+                    "revoking": s.revoking,
+                    "hash": s.hash,
+                }),
+            ),
+            ReloadOutcome::Refused(errors) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::json!({ "result": "failure", "errors": errors }),
+            ),
+        }
+    }
+}
+
+/// The running control server.
+pub(crate) struct ControlServer {
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+    file: SocketFile,
+}
+
+/// What every request handler can reach.
+struct Ctx {
+    /// Read-only state; the verbs that list sessions will read it.
+    #[allow(dead_code)]
+    state: Arc<NodeState>,
+    node: mpsc::Sender<NodeRequest>,
+}
+
+impl ControlServer {
+    /// Claim the socket at `path` and start serving. Must run inside the
+    /// runtime.
+    pub(crate) fn bind(
+        path: &Path,
+        state: Arc<NodeState>,
+        node: mpsc::Sender<NodeRequest>,
+    ) -> Result<ControlServer, SocketError> {
+        let claimed = socket::claim(path)?;
+        let (std_listener, file) = claimed.split();
+        let listener = UnixListener::from_std(std_listener).map_err(|source| {
+            file.remove();
+            SocketError::Io { path: path.to_path_buf(), source }
+        })?;
+        let cancel = CancellationToken::new();
+        let ctx = Arc::new(Ctx { state, node });
+        let task = tokio::spawn(serve(listener, ctx, cancel.clone()));
+        Ok(ControlServer { cancel, task, file })
+    }
+
+    /// Stop accepting and remove the socket file.
+    pub(crate) async fn close(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+        self.file.remove();
+    }
+}
+
+async fn serve(listener: UnixListener, ctx: Arc<Ctx>, cancel: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let ctx = Arc::clone(&ctx);
+                tokio::spawn(async move {
+                    let exchange = http::serve_one(stream, move |req| route(req, Arc::clone(&ctx)));
+                    let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await;
+                });
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// The control routes.
+async fn route(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    match path.as_str() {
+        "/reload" if method == Method::POST => {
+            if let Err(e) = http::read_body(req, MAX_BODY).await {
+                return body_refused(e);
+            }
+            reload(&ctx).await
+        }
+        "/reload" => {
+            let mut resp = http::text(StatusCode::METHOD_NOT_ALLOWED, "use POST /reload\n");
+            resp.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("POST"));
+            resp
+        }
+        _ => http::text(StatusCode::NOT_FOUND, "not found; try POST /reload\n"),
+    }
+}
+
+fn body_refused(e: http::BodyError) -> Response<Body> {
+    match e {
+        http::BodyError::TooLarge => http::text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
+        http::BodyError::Broken => http::text(StatusCode::BAD_REQUEST, "broken request body\n"),
+    }
+}
+
+async fn reload(ctx: &Ctx) -> Response<Body> {
+    let (tx, rx) = oneshot::channel();
+    if ctx.node.send(NodeRequest::Reload(tx)).await.is_err() {
+        return shutting_down();
+    }
+    match rx.await {
+        Ok(outcome) => {
+            let (code, body) = outcome.to_json();
+            http::json(code, &body)
+        }
+        Err(_) => shutting_down(),
+    }
+}
+
+fn shutting_down() -> Response<Body> {
+    http::json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &serde_json::json!({ "result": "failure", "errors": ["the node is shutting down"] }),
+    )
+}
