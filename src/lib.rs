@@ -30,7 +30,7 @@
 //! | `http` | the HTTP/1.1 server (hyper) both HTTP surfaces share; the PROXY-header rewind |
 //! | `admin` | the admin port's routes: `/metrics`, `/healthz`, `/readyz` |
 //! | [`control`] | the control socket's routes (`POST /reload`), its file, and the `portgate reload` client |
-//! | [`logging`] | text/JSON logs, `RUST_LOG` |
+//! | [`logging`] | text/JSON logs through a bounded queue to a writer thread; `RUST_LOG` |
 //! | `systemd` | sd_notify and the watchdog |
 //! | [`ssh_config`] | rendering `ssh_config(5)` blocks |
 //!
