@@ -13,10 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// A config with one echo route per `(name, port)` and the control socket
 /// next to the config file.
 fn config(routes: &[(&str, u16)], echo: SocketAddr) -> String {
@@ -292,4 +288,23 @@ fn the_socket_serves_through_the_drain_and_refuses_reloads_then() {
     assert_eq!(request(&socket, "GET", "/nope").0, 404, "still served while draining");
     assert!(pg.wait_exit(SOON).success());
     assert!(!socket.exists());
+}
+
+#[test]
+fn an_admin_client_that_never_finishes_its_request_is_cut_and_others_are_served() {
+    let echo = echo_server();
+    let base = free_ports(1);
+    let pg = Portgate::start(config(&[("a", base)], echo));
+    let mut slow = std::net::TcpStream::connect(pg.admin).unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").unwrap(); // never ends its head
+    let t0 = Instant::now();
+    // Others are served at once, on the admin port and on the routes.
+    assert_eq!(http_get(pg.admin, "/healthz").0, 200);
+    still_serves(base);
+    slow.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    let waited = t0.elapsed();
+    assert!(waited < Duration::from_secs(12), "the unfinished request was held for {waited:?}");
+    assert!(buf.is_empty() || String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 408"), "{buf:?}");
 }
