@@ -33,6 +33,7 @@ const KNOWN_METRICS: &[&str] = &[
     "portgate_build_info",
     "portgate_process_open_fds",
     "portgate_process_max_fds",
+    "portgate_log_lines_dropped_total",
 ];
 
 /// Histogram families, whose series carry these suffixes.
