@@ -308,3 +308,39 @@ fn an_admin_client_that_never_finishes_its_request_is_cut_and_others_are_served(
     assert!(waited < Duration::from_secs(12), "the unfinished request was held for {waited:?}");
     assert!(buf.is_empty() || String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 408"), "{buf:?}");
 }
+
+#[test]
+fn reload_counts_the_running_sessions_it_revokes() {
+    let echo = echo_server();
+    let base = free_ports(2);
+    let pg = Portgate::start(config(&[("a", base), ("b", base + 1)], echo));
+    let socket = socket_of(&pg);
+    let echo_on = |s: &mut std::net::TcpStream| {
+        s.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+    };
+    // Two running sessions on "a", one on "b".
+    let mut a1 = connect(addr(base));
+    let mut a2 = connect(addr(base));
+    let mut b1 = connect(addr(base + 1));
+    for s in [&mut a1, &mut a2, &mut b1] {
+        echo_on(s);
+    }
+    // "a" now admits only 10/8: both of its sessions are revoked, "b"'s is not.
+    let text = config(&[("b", base + 1)], echo)
+        + &format!("[[route]]\nname = \"a\"\nport = {base}\ntarget = \"{echo}\"\nallow = [\"10.0.0.0/8\"]\n");
+    pg.write_config(text);
+    let (code, body) = request(&socket, "POST", "/reload");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["changed"], serde_json::json!(["a"]));
+    assert_eq!(v["revoking"], 2, "{body}");
+    // Ended sessions leave the registry: the same config again revokes none.
+    drop((a1, a2));
+    pg.wait_log_n(|l| l.contains("\"message\":\"session closed\""), 2, SOON);
+    let (_, body) = request(&socket, "POST", "/reload");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["revoking"], 0, "{body}");
+    echo_on(&mut b1);
+}

@@ -15,6 +15,7 @@
 //! and neither is called from below: listeners and sessions learn of a new
 //! config or of the end of the drain through [`state::NodeState`] only.
 
+pub(crate) mod registry;
 mod reload;
 mod shutdown;
 pub(crate) mod state;

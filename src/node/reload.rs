@@ -19,6 +19,7 @@ use crate::admin::AdminServer;
 use crate::config::{self, Config, Route};
 use crate::control::{ReloadOutcome, ReloadSummary};
 use crate::node::state::Snapshot;
+use crate::session::admission;
 use crate::systemd;
 
 /// Why a valid config could not be applied.
@@ -166,14 +167,16 @@ impl Node {
             hash = %snap.hash,
             "config reloaded"
         );
-        // Sessions judge themselves against the new snapshot (session/mod.rs)
-        // and keep no registry the node could ask, so the number revoked is
-        // not known here yet: reported as 0 until sessions are registered.
+        // Sessions judge themselves against the new snapshot (session/mod.rs);
+        // the same judgement over the registry says how many will go.
+        let revoking = state
+            .registry
+            .count(|e| !admission::still_admits(&snap, &e.route, e.client, e.endpoint.as_deref()));
         Ok(ReloadSummary {
             added: diff.added,
             removed: diff.removed,
             changed: diff.changed,
-            revoking: 0,
+            revoking,
             hash: snap.hash.clone(),
         })
     }

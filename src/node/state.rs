@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::node::registry::Registry;
 use crate::routes::{RouteStates, RouteTable};
 
 /// One effective config with its route table; swapped whole on reload.
@@ -92,6 +93,8 @@ pub(crate) struct NodeState {
     pub(crate) states: RouteStates,
     /// Every session task; the drain waits on it.
     pub(crate) sessions: TaskTracker,
+    /// Running sessions past their dial: who, on which route.
+    pub(crate) registry: Arc<Registry>,
     /// `[access] max_per_source` counts, by client address.
     per_source: Arc<SourceLimiter>,
 }
@@ -112,6 +115,7 @@ impl NodeState {
             metrics,
             states,
             sessions: TaskTracker::new(),
+            registry: Arc::default(),
             per_source: Arc::default(),
         })
     }

@@ -19,7 +19,7 @@
 //! shutdown only through [`NodeState`].
 
 mod addr;
-mod admission;
+pub(crate) mod admission;
 mod dial;
 mod header;
 mod record;
@@ -41,6 +41,7 @@ use self::header::Opening;
 use self::record::SessionEnd;
 use crate::config::Route;
 use crate::forward::{ByteSink, End, Forward, Side};
+use crate::node::registry::{Entry, Registration};
 use crate::node::state::{NodeState, Observed, SessionGuard, Snapshot, SourceSlot, Subscription};
 use crate::reason::{CloseReason, Reject};
 use crate::routes::{RouteSlot, RouteState};
@@ -102,6 +103,8 @@ struct Meta {
     route_slot: RouteSlot,
     source_slot: Option<SourceSlot>,
     session: SessionGuard,
+    /// The session's entry in the node's registry, from the dial's success on.
+    _registration: Registration,
 }
 
 /// Header, admission and dial, all judged by one snapshot. `None` when the
@@ -161,7 +164,10 @@ async fn setup(stream: TcpStream, peer: SocketAddr, port: u16, state: Arc<NodeSt
     // The snapshot is not kept: a session lasting hours must not pin the
     // config (and route table) it started under.
     let idle = snap.config.timeouts.idle;
-    let meta = Box::new(Meta { route, info, started, route_slot, source_slot, session });
+    let entry =
+        Entry { route: Arc::clone(&route), client: info.client.0.ip(), endpoint: info.endpoint.clone() };
+    let _registration = state.registry.register(entry);
+    let meta = Box::new(Meta { route, info, started, route_slot, source_slot, session, _registration });
     Some(Admitted { client: stream, target, early, idle, sub, meta })
 }
 
@@ -229,7 +235,12 @@ async fn forward_watching(
                 return (CloseReason::Shutdown, None);
             }
             Observed::Republished(snap) => {
-                if admission::still_admitted(&snap, &meta.route, &meta.info) {
+                if admission::still_admits(
+                    &snap,
+                    &meta.route,
+                    meta.info.client.0.ip(),
+                    meta.info.endpoint.as_deref(),
+                ) {
                     revoke = None;
                 } else if revoke.is_none() {
                     revoke = Some(Box::pin(tokio::time::sleep(snap.config.timeouts.revoke_grace)));
