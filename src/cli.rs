@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{self, Config, ConfigError, ProxyMode};
+use crate::config::{self, Config, ProxyMode};
 
 /// TCP port-range forwarding proxy for private maintenance lines behind
 /// AWS PrivateLink and a Network Load Balancer.
@@ -69,12 +69,6 @@ pub struct SshConfigArgs {
     /// instead of standard output.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
-}
-
-/// Load and validate a config: the one validation path that `check`,
-/// `run` and a reload share.
-pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
-    config::load(path)
 }
 
 /// The summary `check` prints for a valid config.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use portgate::cli::{self, Cli, Command};
-use portgate::config::{Config, ConfigError};
+use portgate::config::{self, Config, ConfigError};
 use portgate::control::client;
 use portgate::ssh_config::{self, SshOptions};
 use portgate::{logging, Signal};
@@ -67,7 +67,7 @@ fn main() -> ExitCode {
 
 /// Load a config; on failure print one line per problem and return None.
 fn load(path: &Path) -> Option<Config> {
-    match cli::load(path) {
+    match config::load(path) {
         Ok(c) => Some(c),
         Err(ConfigError { problems }) => {
             for p in &problems {

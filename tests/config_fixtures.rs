@@ -19,7 +19,7 @@ fn fixtures(kind: &str) -> (PathBuf, Vec<PathBuf>) {
 fn valid_fixtures_load() {
     let (_, files) = fixtures("valid");
     for f in files {
-        if let Err(e) = portgate::cli::load(&f) {
+        if let Err(e) = portgate::config::load(&f) {
             panic!("{} should be valid:\n{e}", f.display());
         }
     }
@@ -33,7 +33,7 @@ fn invalid_fixtures_report_the_expected_problems() {
         let expected_path = f.with_extension("expected");
         let expected = std::fs::read_to_string(&expected_path)
             .unwrap_or_else(|e| panic!("{}: {e}", expected_path.display()));
-        let got = match portgate::cli::load(&f) {
+        let got = match portgate::config::load(&f) {
             Ok(_) => panic!("{} should be invalid", f.display()),
             Err(e) => e.problems.iter().map(|p| p.to_string().replace(&prefix, "")).collect::<Vec<_>>(),
         };
@@ -45,7 +45,7 @@ fn invalid_fixtures_report_the_expected_problems() {
 #[test]
 fn full_fixture_has_the_effective_values() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid");
-    let cfg = portgate::cli::load(&dir.join("full.toml")).unwrap();
+    let cfg = portgate::config::load(&dir.join("full.toml")).unwrap();
     let names: Vec<&str> = cfg.routes.iter().map(|r| r.name.as_str()).collect();
     // Sorted by port then via; the included route is there.
     assert_eq!(names, ["tenant-a-web1", "tenant-b-web1", "tenant-a-db"]);

@@ -1,5 +1,5 @@
 //! Arbitrary bytes as the main config file, loaded the way `portgate check`
-//! and a SIGHUP reload load it (`portgate::cli::load`: includes, validation,
+//! and a SIGHUP reload load it (`portgate::config::load`: includes, validation,
 //! the log-level check). It must never panic; every problem must display;
 //! a config it accepts must render with `to_toml` to a file that loads back
 //! to the same config and hash.
@@ -69,7 +69,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     std::fs::write(&d.main, data).unwrap();
-    match portgate::cli::load(&d.main) {
+    match portgate::config::load(&d.main) {
         Err(e) => {
             assert!(!e.problems.is_empty(), "an error without a problem");
             let _ = e.to_string();
@@ -80,7 +80,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = cfg.tenants();
             let text = to_toml(&cfg);
             std::fs::write(&d.rendered, &text).unwrap();
-            let mut back = portgate::cli::load(&d.rendered)
+            let mut back = portgate::config::load(&d.rendered)
                 .unwrap_or_else(|e| panic!("rendered config does not load:\n{e}\n---\n{text}"));
             back.source = cfg.source.clone();
             assert_eq!(back, cfg, "rendered config loads differently:\n{text}");
