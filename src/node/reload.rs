@@ -169,9 +169,7 @@ impl Node {
         );
         // Sessions judge themselves against the new snapshot (session/mod.rs);
         // the same judgement over the registry says how many will go.
-        let revoking = state
-            .registry
-            .count(|e| !admission::still_admits(&snap, &e.route, e.client, e.endpoint.as_deref()));
+        let revoking = state.registry.count(|e| !admission::still_admits(&snap, &e.route, &e.info));
         Ok(ReloadSummary {
             added: diff.added,
             removed: diff.removed,

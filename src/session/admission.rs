@@ -84,13 +84,13 @@ pub(crate) fn admit(route: &Route, client: IpAddr, endpoint: Option<&str>) -> Re
 /// route's name; its `(port, via)` must be unchanged and the source and
 /// endpoint must pass its new rules. Limits are not re-checked: lowering
 /// `max_connections` does not revoke sessions.
-pub(crate) fn still_admits(snap: &Snapshot, route: &Route, client: IpAddr, endpoint: Option<&str>) -> bool {
+pub(crate) fn still_admits(snap: &Snapshot, route: &Route, info: &ConnInfo) -> bool {
     match snap.table.by_name(&route.name) {
         None => false,
         Some(e) => {
             e.route.port == route.port
                 && e.route.via == route.via
-                && admit(&e.route, client, endpoint).is_ok()
+                && admit(&e.route, info.client.0.ip(), info.endpoint.as_deref()).is_ok()
         }
     }
 }

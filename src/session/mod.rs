@@ -18,7 +18,7 @@
 //! No step calls back up: this module drives them, and learns of reloads and
 //! shutdown only through [`NodeState`].
 
-mod addr;
+pub(crate) mod addr;
 pub(crate) mod admission;
 mod dial;
 mod header;
@@ -39,7 +39,6 @@ use self::addr::{canonical, ConnInfo, PeerAddr};
 use self::admission::{Admission, Refusal};
 use self::header::Opening;
 use self::record::SessionEnd;
-use crate::config::Route;
 use crate::forward::{ByteSink, End, Forward, Side};
 use crate::node::registry::{Entry, Registration};
 use crate::node::state::{NodeState, Observed, SessionGuard, Snapshot, SourceSlot, Subscription};
@@ -75,9 +74,10 @@ pub(crate) fn run(
         drop(fwd);
         let elapsed = meta.started.elapsed();
         meta.route_slot.state().metrics.session_duration.record(elapsed.as_secs_f64());
-        let Meta { route, info, route_slot, source_slot, session, .. } = *meta;
+        let Meta { route_slot, source_slot, session, registration, .. } = *meta;
         drop((source_slot, route_slot, session));
-        let end = SessionEnd { route: &route, info: &info, bytes, elapsed };
+        let who = registration.entry();
+        let end = SessionEnd { route: &who.route, info: &who.info, bytes, elapsed };
         end.log(close, error.as_ref().map(|e| e as &dyn std::fmt::Display), None);
     }
 }
@@ -97,14 +97,13 @@ struct Admitted {
 /// Who the session is and what it holds, read at its end (log line, limits)
 /// and on reloads (revocation); boxed, out of the forwarding state.
 struct Meta {
-    route: Arc<Route>,
-    info: ConnInfo,
     started: Instant,
     route_slot: RouteSlot,
     source_slot: Option<SourceSlot>,
     session: SessionGuard,
-    /// The session's entry in the node's registry, from the dial's success on.
-    _registration: Registration,
+    /// Who the session is (route and connection), kept in the node's
+    /// registry from the dial's success until the session's log line.
+    registration: Registration,
 }
 
 /// Header, admission and dial, all judged by one snapshot. `None` when the
@@ -164,10 +163,8 @@ async fn setup(stream: TcpStream, peer: SocketAddr, port: u16, state: Arc<NodeSt
     // The snapshot is not kept: a session lasting hours must not pin the
     // config (and route table) it started under.
     let idle = snap.config.timeouts.idle;
-    let entry =
-        Entry { route: Arc::clone(&route), client: info.client.0.ip(), endpoint: info.endpoint.clone() };
-    let _registration = state.registry.register(entry);
-    let meta = Box::new(Meta { route, info, started, route_slot, source_slot, session, _registration });
+    let registration = state.registry.register(Entry { route, info });
+    let meta = Box::new(Meta { started, route_slot, source_slot, session, registration });
     Some(Admitted { client: stream, target, early, idle, sub, meta })
 }
 
@@ -235,12 +232,8 @@ async fn forward_watching(
                 return (CloseReason::Shutdown, None);
             }
             Observed::Republished(snap) => {
-                if admission::still_admits(
-                    &snap,
-                    &meta.route,
-                    meta.info.client.0.ip(),
-                    meta.info.endpoint.as_deref(),
-                ) {
+                let who = meta.registration.entry();
+                if admission::still_admits(&snap, &who.route, &who.info) {
                     revoke = None;
                 } else if revoke.is_none() {
                     revoke = Some(Box::pin(tokio::time::sleep(snap.config.timeouts.revoke_grace)));
