@@ -51,21 +51,9 @@ impl AdminServer {
 }
 
 async fn serve(listener: TcpListener, state: Arc<NodeState>, cancel: CancellationToken) {
-    loop {
-        let accepted = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let state = Arc::clone(&state);
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(ADMIN_TIMEOUT, handle(stream, peer, state)).await;
-                });
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+    let l = &listener;
+    let exchange = move |(stream, peer)| handle(stream, peer, Arc::clone(&state));
+    http::accept_each(move || l.accept(), cancel, ADMIN_TIMEOUT, exchange).await;
 }
 
 async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<NodeState>) -> io::Result<()> {

@@ -21,6 +21,7 @@ use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
 
 /// Every response body: complete before the head is written.
 pub(crate) type Body = Full<Bytes>;
@@ -33,6 +34,40 @@ pub(crate) const MAX_HEAD: usize = 16 * 1024;
 /// without an answer: a client that connects and sends nothing holds
 /// nothing for long.
 pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accept connections until `stop`; each gets a task of its own running
+/// `handle`, bounded by `limit`. A failed accept (out of descriptors, say)
+/// pauses briefly and the loop goes on: the surface never dies.
+pub(crate) async fn accept_each<C, A, AF, H, HF>(
+    mut accept: A,
+    stop: CancellationToken,
+    limit: Duration,
+    handle: H,
+) where
+    A: FnMut() -> AF,
+    AF: Future<Output = io::Result<C>>,
+    H: Fn(C) -> HF,
+    HF: Future + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = accept() => r,
+        };
+        match accepted {
+            Ok(conn) => {
+                let exchange = handle(conn);
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(limit, exchange).await;
+                });
+            }
+            Err(_) => tokio::time::sleep(ACCEPT_RETRY).await,
+        }
+    }
+}
+
+/// Pause after a failed accept.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// Serve one request on `io` with `routes`, then close the connection.
 /// The caller bounds the whole exchange in time.

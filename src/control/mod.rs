@@ -135,22 +135,12 @@ impl ControlServer {
 }
 
 async fn serve(listener: UnixListener, ctx: Arc<Ctx>, cancel: CancellationToken) {
-    loop {
-        let accepted = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                let ctx = Arc::clone(&ctx);
-                tokio::spawn(async move {
-                    let exchange = http::serve_one(stream, move |req| route(req, Arc::clone(&ctx)));
-                    let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await;
-                });
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+    let l = &listener;
+    let exchange = move |(stream, _)| {
+        let ctx = Arc::clone(&ctx);
+        http::serve_one(stream, move |req| route(req, Arc::clone(&ctx)))
+    };
+    http::accept_each(move || l.accept(), cancel, EXCHANGE_TIMEOUT, exchange).await;
 }
 
 /// The control routes.
