@@ -61,7 +61,7 @@ struct Inner {
 }
 
 /// A bounded queue of formatted lines and the thread that writes them.
-pub struct LogQueue {
+pub(crate) struct LogQueue {
     inner: Mutex<Inner>,
     /// Wakes the writer (items arrived) and flushers (the queue emptied).
     cv: Condvar,

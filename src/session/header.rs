@@ -108,7 +108,7 @@ async fn read_header(stream: &TcpStream, timeout: Duration) -> HeaderRead {
 }
 
 /// Whether a connection that is about to be refused is really a probe: with
-/// PROXY off and no byte seen yet, wait (up to `wait`) for its first byte or
+/// PROXY off and no byte seen yet, wait (up to `header_timeout`) for its first byte or
 /// its close. With a header, bytes have been sent: not a probe.
 pub(super) async fn is_probe(stream: &TcpStream, pp: &ProxyProtocol, early: &[u8]) -> bool {
     if pp.mode != ProxyMode::Off || !early.is_empty() {
