@@ -1,4 +1,5 @@
-//! The command line: `run`, `check`, `routes`, `ssh-config`, `reload`.
+//! The command line: `run`, `check`, `routes`, `ssh-config`, and the
+//! control socket's `reload`, `sessions`, `close`.
 //!
 //! Parsing only; the commands' work lives in the library. Text rendered for
 //! `check` and `routes` is built here from a validated config.
@@ -39,10 +40,22 @@ pub enum Command {
     /// Ask the running node to reload its config (over the control socket);
     /// exit 0 once the new config serves, 1 with every problem on stderr.
     Reload(ReloadArgs),
+    /// List the node's running sessions (over the control socket).
+    Sessions(SessionsArgs),
+    /// Close running sessions by id or by filter (over the control socket);
+    /// prints what it closed.
+    Close(CloseArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct ReloadArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+/// How the command line finds the control socket.
+#[derive(Debug, Args)]
+pub struct ControlArgs {
     /// Config file whose `[control] socket` names the socket (only that key
     /// is read).
     #[command(flatten)]
@@ -50,6 +63,43 @@ pub struct ReloadArgs {
     /// The control socket; wins over the config.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+}
+
+/// Which sessions `sessions` and `close` select; all given must match.
+#[derive(Debug, Args)]
+pub struct FilterArgs {
+    /// Only sessions of this route (by name).
+    #[arg(long, value_name = "NAME")]
+    pub route: Option<String>,
+    /// Only sessions of this tenant.
+    #[arg(long, value_name = "TENANT")]
+    pub tenant: Option<String>,
+    /// Only sessions from this client: an IP (any port) or IP:port.
+    #[arg(long, value_name = "IP")]
+    pub client: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SessionsArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Print the node's JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["id", "route", "tenant", "client"])))]
+pub struct CloseArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+    /// The session id (from `portgate sessions` or the `session opened` line).
+    #[arg(value_name = "ID", conflicts_with_all = ["route", "tenant", "client"])]
+    pub id: Option<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 #[derive(Debug, Args)]

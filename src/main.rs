@@ -37,7 +37,18 @@ fn main() -> ExitCode {
             }
             None => ExitCode::from(1),
         },
-        Command::Reload(a) => reload(a.socket.as_deref(), &a.config.config),
+        Command::Reload(a) => match control_socket(&a.control) {
+            Some(socket) => reload(&socket),
+            None => ExitCode::from(1),
+        },
+        Command::Sessions(a) => match control_socket(&a.control) {
+            Some(socket) => sessions(&socket, &filter(a.filter), a.json),
+            None => ExitCode::from(1),
+        },
+        Command::Close(a) => match control_socket(&a.control) {
+            Some(socket) => close(&socket, a.id.as_deref(), &filter(a.filter)),
+            None => ExitCode::from(1),
+        },
         Command::SshConfig(a) => {
             let Some(cfg) = load(&a.config.config) else { return ExitCode::from(1) };
             let opts = SshOptions { host: a.host, user: a.user, identity_file: a.identity_file };
@@ -84,17 +95,75 @@ fn load(path: &Path) -> Option<Config> {
     }
 }
 
-/// `portgate reload`: one line on stdout when applied, every problem on
-/// stderr (one per line) when not.
-fn reload(socket: Option<&Path>, config: &Path) -> ExitCode {
-    let socket = match client::find_socket(socket, config) {
-        Ok(s) => s,
+/// The control socket a command talks to; `None` (said on stderr) if none.
+fn control_socket(a: &cli::ControlArgs) -> Option<std::path::PathBuf> {
+    match client::find_socket(a.socket.as_deref(), &a.config.config) {
+        Ok(s) => Some(s),
         Err(e) => {
             eprintln!("portgate: {e}");
-            return ExitCode::from(1);
+            None
         }
+    }
+}
+
+fn filter(f: cli::FilterArgs) -> client::SessionFilter {
+    client::SessionFilter { route: f.route, tenant: f.tenant, client: f.client }
+}
+
+/// `portgate sessions`: a table (or the JSON array) on stdout.
+fn sessions(socket: &Path, filter: &client::SessionFilter, json: bool) -> ExitCode {
+    match client::sessions(socket, filter) {
+        Ok(list) if json => {
+            println!("{}", serde_json::Value::Array(list));
+            ExitCode::SUCCESS
+        }
+        Ok(list) => {
+            print!("{}", client::sessions_table(&list));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `portgate close`: what was closed on stdout (as the `sessions` table);
+/// exit 1 for an unknown id, 0 with a note on stderr for a filter that
+/// matched nothing.
+fn close(socket: &Path, id: Option<&str>, filter: &client::SessionFilter) -> ExitCode {
+    let closed = match id {
+        Some(id) => match client::close_id(socket, id) {
+            Ok(Some(s)) => vec![s],
+            Ok(None) => {
+                eprintln!("portgate: no running session {id:?} (see portgate sessions)");
+                return ExitCode::from(1);
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => match client::close_matching(socket, filter) {
+            Ok(list) => list,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(1);
+            }
+        },
     };
-    match client::reload(&socket) {
+    if closed.is_empty() {
+        eprintln!("portgate: no running session matched {}; nothing closed", filter.describe());
+    } else {
+        print!("{}", client::sessions_table(&closed));
+    }
+    ExitCode::SUCCESS
+}
+
+/// `portgate reload`: one line on stdout when applied, every problem on
+/// stderr (one per line) when not.
+fn reload(socket: &Path) -> ExitCode {
+    match client::reload(socket) {
         Ok(summary) => {
             println!("{summary}");
             ExitCode::SUCCESS

@@ -17,7 +17,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::reason::{ConnectErrorKind, Reject};
+use crate::reason::{CloseReason, ConnectErrorKind, Reject};
 
 /// How often queued histogram samples are folded into their buckets, scraped
 /// or not (the exporter's own HTTP server uses the same period).
@@ -44,6 +44,7 @@ pub const UPSTREAM_CONNECT_ERRORS: &str = "portgate_upstream_connect_errors_tota
 pub const UPSTREAM_CONNECT_DURATION: &str = "portgate_upstream_connect_duration_seconds";
 pub const SESSION_DURATION: &str = "portgate_session_duration_seconds";
 pub const BYTES: &str = "portgate_bytes_total";
+pub const SESSIONS_CLOSED: &str = "portgate_sessions_closed_total";
 pub const HEALTH_CHECKS: &str = "portgate_health_checks_total";
 pub const CONFIG_RELOADS: &str = "portgate_config_reloads_total";
 pub const CONFIG_LAST_RELOAD_SUCCESS: &str = "portgate_config_last_reload_success";
@@ -92,6 +93,8 @@ pub struct RouteMetrics {
     pub bytes_to_client: Counter,
     pub connect_duration: Histogram,
     pub session_duration: Histogram,
+    /// `portgate_sessions_closed_total`, by `CloseReason as usize`.
+    closed: [Counter; CloseReason::ALL.len()],
     rejected_source: Counter,
     rejected_endpoint: Counter,
     rejected_limit: Counter,
@@ -111,6 +114,11 @@ impl RouteMetrics {
             Reject::AuditUnavailable => Some(&self.rejected_audit),
             Reject::ProxyHeader | Reject::NoRoute => None,
         }
+    }
+
+    /// The `portgate_sessions_closed_total` series for `close`.
+    pub(crate) fn closed(&self, close: CloseReason) -> &Counter {
+        &self.closed[close as usize]
     }
 
     pub(crate) fn connect_error(&self, kind: ConnectErrorKind) -> &Counter {
@@ -187,6 +195,8 @@ impl Metrics {
             bytes_to_client: c(BYTES, vec![r(), Label::new("direction", "to_client")]),
             connect_duration: h(UPSTREAM_CONNECT_DURATION),
             session_duration: h(SESSION_DURATION),
+            closed: CloseReason::ALL
+                .map(|close| c(SESSIONS_CLOSED, vec![r(), Label::new("close", close.as_str())])),
             rejected_source: reason(Reject::SourceNotAllowed),
             rejected_endpoint: reason(Reject::EndpointNotAllowed),
             rejected_limit: reason(Reject::Limit),
@@ -275,6 +285,7 @@ fn describe(rec: &PrometheusRecorder) {
     );
     d(SESSION_DURATION, Some(Unit::Seconds), "Length of sessions that reached their target.");
     d(BYTES, Some(Unit::Bytes), "Payload bytes forwarded, by direction (PROXY headers excluded).");
+    d(SESSIONS_CLOSED, None, "Sessions ended (failed dials included), by close reason.");
     d(
         HEALTH_CHECKS,
         None,

@@ -37,7 +37,7 @@ impl fmt::Display for Reject {
     }
 }
 
-/// Why a session ended, as the `close` log field.
+/// Why a session ended, as the `close` log field and label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CloseReason {
     ClientClosed,
@@ -46,9 +46,28 @@ pub(crate) enum CloseReason {
     Revoked,
     Shutdown,
     Error,
+    /// The route's access window ended (`not_after`).
+    Expired,
+    /// The session reached its `max_session`.
+    MaxDuration,
+    /// Closed through the control socket.
+    Operator,
 }
 
 impl CloseReason {
+    /// Every value, in declaration order (`ALL[r as usize] == r`).
+    pub(crate) const ALL: [CloseReason; 9] = [
+        CloseReason::ClientClosed,
+        CloseReason::TargetClosed,
+        CloseReason::IdleTimeout,
+        CloseReason::Revoked,
+        CloseReason::Shutdown,
+        CloseReason::Error,
+        CloseReason::Expired,
+        CloseReason::MaxDuration,
+        CloseReason::Operator,
+    ];
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             CloseReason::ClientClosed => "client_closed",
@@ -57,6 +76,9 @@ impl CloseReason {
             CloseReason::Revoked => "revoked",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Error => "error",
+            CloseReason::Expired => "expired",
+            CloseReason::MaxDuration => "max_duration",
+            CloseReason::Operator => "operator",
         }
     }
 }
@@ -77,6 +99,18 @@ impl ConnectErrorKind {
             ConnectErrorKind::Timeout => "timeout",
             ConnectErrorKind::Unreachable => "unreachable",
             ConnectErrorKind::Other => "other",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_close_reasons_are_listed_in_order() {
+        for (i, r) in CloseReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{}", r.as_str());
         }
     }
 }

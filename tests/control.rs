@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::control::{raw, request};
 use common::*;
 
 /// A config with one echo route per `(name, port)` and the control socket
@@ -40,28 +41,6 @@ fn portgate_reload(config: &Path, extra: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run portgate reload")
-}
-
-/// Send raw bytes on the control socket and read the answer until the node
-/// closes (or `SOON` passes).
-fn raw(socket: &Path, request: &[u8]) -> String {
-    let mut s = UnixStream::connect(socket).expect("connect the control socket");
-    s.set_read_timeout(Some(SOON)).unwrap();
-    let _ = s.write_all(request);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// `curl --unix-socket SOCKET -X METHOD http://portgate/PATH`: (status, body).
-fn request(socket: &Path, method: &str, path: &str) -> (u16, String) {
-    let out = raw(
-        socket,
-        format!("{method} {path} HTTP/1.1\r\nHost: portgate\r\nContent-Length: 0\r\n\r\n").as_bytes(),
-    );
-    let code = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (code, body)
 }
 
 fn still_serves(port: u16) {

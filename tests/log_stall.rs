@@ -88,8 +88,17 @@ fn a_stalled_log_sink_drops_lines_and_the_node_keeps_serving() {
 
     // The sink recovers: the warning comes, with the count.
     let logs = LogBuf::capture(node.stderr.take().unwrap());
-    // A line after the drops makes the writer emit the warning before it.
-    one_session(node.port, 1000).unwrap();
+    // A line queued after the drops makes the writer emit the warning before
+    // it. Lines queued while the writer still works off its backlog are
+    // dropped too, so sessions go on until one line gets in.
+    let deadline = Instant::now() + SOON;
+    let mut i = 1000;
+    while !logs.lines().iter().any(|l| l.contains("log lines dropped")) {
+        assert!(Instant::now() < deadline, "no `log lines dropped` warning after the sink recovered");
+        one_session(node.port, i).unwrap();
+        i += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let line = logs.wait_from(0, |l| l.contains("log lines dropped"), 1, SOON);
     let v = parse(&line);
     assert_eq!(v["level"], "WARN");

@@ -1,4 +1,5 @@
-//! The command-line side of the control socket: `portgate reload`.
+//! The command-line side of the control socket: `portgate reload`,
+//! `portgate sessions`, `portgate close`.
 //!
 //! Finds the socket (`--socket`, else the config's `[control] socket`, read
 //! alone so that the rest of the file may be invalid, else
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
-use hyper::Request;
+use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::UnixStream;
@@ -73,20 +74,25 @@ fn socket_in_config(config: &Path) -> Option<String> {
     None
 }
 
-/// `POST /reload` on `socket`: `Ok` is the one-line summary of an applied
-/// reload, `Err` every line to print on stderr.
-pub fn reload(socket: &Path) -> Result<String, Vec<String>> {
+/// One request on `socket`, answered within [`CLIENT_TIMEOUT`]: (status,
+/// body), or why there is no answer.
+fn exchange(socket: &Path, method: Method, path: &str) -> Result<(u16, Bytes), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| vec![format!("portgate: cannot start the runtime: {e}")])?;
+        .map_err(|e| format!("portgate: cannot start the runtime: {e}"))?;
     let answer = rt.block_on(async {
-        tokio::time::timeout(CLIENT_TIMEOUT, post(socket, "/reload"))
+        tokio::time::timeout(CLIENT_TIMEOUT, send(socket, method, path))
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {}s", CLIENT_TIMEOUT.as_secs())))
     });
-    let (status, body) =
-        answer.map_err(|e| vec![format!("portgate: control socket {}: {e}", socket.display())])?;
+    answer.map_err(|e| format!("portgate: control socket {}: {e}", socket.display()))
+}
+
+/// `POST /reload` on `socket`: `Ok` is the one-line summary of an applied
+/// reload, `Err` every line to print on stderr.
+pub fn reload(socket: &Path) -> Result<String, Vec<String>> {
+    let (status, body) = exchange(socket, Method::POST, "/reload").map_err(|e| vec![e])?;
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     let names = |key: &str| -> String {
         let list: Vec<&str> =
@@ -124,12 +130,14 @@ pub fn reload(socket: &Path) -> Result<String, Vec<String>> {
     }
 }
 
-async fn post(socket: &Path, path: &str) -> Result<(u16, Bytes), String> {
+async fn send(socket: &Path, method: Method, path: &str) -> Result<(u16, Bytes), String> {
     let stream = UnixStream::connect(socket).await.map_err(|e| format!("cannot reach the node: {e}"))?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let req = Request::post(path)
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
         .header(hyper::header::HOST, "portgate")
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
@@ -137,6 +145,156 @@ async fn post(socket: &Path, path: &str) -> Result<(u16, Bytes), String> {
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok((status, body))
+}
+
+/// The filters of `portgate sessions` and `portgate close`.
+#[derive(Debug, Default, Clone)]
+pub struct SessionFilter {
+    pub route: Option<String>,
+    pub tenant: Option<String>,
+    pub client: Option<String>,
+}
+
+impl SessionFilter {
+    /// `route=…&tenant=…&client=…`, percent-encoded; empty without filters.
+    fn query(&self) -> String {
+        let pairs = [("route", &self.route), ("tenant", &self.tenant), ("client", &self.client)];
+        let parts: Vec<String> =
+            pairs.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v)))).collect();
+        parts.join("&")
+    }
+
+    /// How the filter reads in a message: `route=a tenant=t`.
+    pub fn describe(&self) -> String {
+        self.query().replace('&', " ")
+    }
+}
+
+/// Percent-encode everything but unreserved characters (RFC 3986).
+fn encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A JSON array answer (the listing and the bulk close), or the lines why not.
+fn sessions_answer(socket: &Path, status: u16, body: &[u8]) -> Result<Vec<serde_json::Value>, String> {
+    let json: serde_json::Value = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+    match (status, json) {
+        (200, serde_json::Value::Array(list)) => Ok(list),
+        (_, j) if j["error"].is_string() => Err(format!("portgate: {}", j["error"].as_str().unwrap_or(""))),
+        _ => Err(format!(
+            "portgate: control socket {}: unexpected answer {status}: {}",
+            socket.display(),
+            String::from_utf8_lossy(body).trim()
+        )),
+    }
+}
+
+/// `GET /sessions` with `filter`.
+pub fn sessions(socket: &Path, filter: &SessionFilter) -> Result<Vec<serde_json::Value>, String> {
+    let q = filter.query();
+    let path = if q.is_empty() { "/sessions".to_owned() } else { format!("/sessions?{q}") };
+    let (status, body) = exchange(socket, Method::GET, &path)?;
+    sessions_answer(socket, status, &body)
+}
+
+/// `DELETE /sessions?filter` (at least one filter).
+pub fn close_matching(socket: &Path, filter: &SessionFilter) -> Result<Vec<serde_json::Value>, String> {
+    let (status, body) = exchange(socket, Method::DELETE, &format!("/sessions?{}", filter.query()))?;
+    sessions_answer(socket, status, &body)
+}
+
+/// `DELETE /sessions/ID`: `Ok(None)` when no such session runs.
+pub fn close_id(socket: &Path, id: &str) -> Result<Option<serde_json::Value>, String> {
+    let (status, body) = exchange(socket, Method::DELETE, &format!("/sessions/{}", encode(id)))?;
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    match status {
+        200 if json.is_object() => Ok(Some(json)),
+        404 => Ok(None),
+        _ => Err(format!(
+            "portgate: control socket {}: unexpected answer {status}: {}",
+            socket.display(),
+            String::from_utf8_lossy(&body).trim()
+        )),
+    }
+}
+
+/// The table `portgate sessions` prints: one row per session, oldest first.
+pub fn sessions_table(list: &[serde_json::Value]) -> String {
+    let headers =
+        ["ID", "ROUTE", "TENANT", "CLIENT", "ENDPOINT", "TARGET", "AGE", "TO_TARGET", "TO_CLIENT", "IDLE"];
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|e| {
+            vec![
+                s(&e["id"]),
+                s(&e["route"]),
+                s(&e["tenant"]),
+                s(&e["client"]),
+                s(&e["endpoint"]),
+                s(&e["target"]),
+                human_duration(n(&e["duration_ms"])),
+                human_bytes(n(&e["bytes_to_target"])),
+                human_bytes(n(&e["bytes_to_client"])),
+                human_duration(n(&e["idle_ms"])),
+            ]
+        })
+        .collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut l = String::new();
+        for (cell, w) in cells.iter().zip(&widths) {
+            l.push_str(&format!("{cell:<w$}  "));
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&headers);
+    for row in &rows {
+        line(&row.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    out
+}
+
+/// `93s` → `1m33s`; `7384000` ms → `2h03m`.
+fn human_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// `1536` → `1.5KiB`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n}B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1}{}", UNITS[unit])
 }
 
 #[cfg(test)]
@@ -154,5 +312,29 @@ mod tests {
         assert_eq!(find_socket(Some(Path::new("/y.sock")), &cfg).unwrap(), PathBuf::from("/y.sock"));
         std::fs::write(&cfg, "[control]\nsocket = \"off\"\n").unwrap();
         assert!(find_socket(None, &cfg).is_err());
+    }
+
+    #[test]
+    fn table_cells_read_well() {
+        assert_eq!(human_duration(0), "0s");
+        assert_eq!(human_duration(93_000), "1m33s");
+        assert_eq!(human_duration(7_384_000), "2h03m");
+        assert_eq!(human_duration(90_000_000), "1d01h");
+        assert_eq!(human_bytes(1023), "1023B");
+        assert_eq!(human_bytes(1536), "1.5KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0GiB");
+        let f = SessionFilter { route: Some("a b".into()), tenant: None, client: Some("[::1]:22".into()) };
+        assert_eq!(f.query(), "route=a%20b&client=%5B::1%5D:22");
+        let row = serde_json::json!({"id": "00ab", "route": "r", "tenant": "t", "client": "10.0.0.1:5",
+            "endpoint": null, "target": "10.0.1.5:22", "duration_ms": 61_000, "bytes_to_target": 2048,
+            "bytes_to_client": 5, "idle_ms": 1000});
+        let t = sessions_table(&[row]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("ID    ROUTE  TENANT  CLIENT"), "{t}");
+        assert!(
+            lines[1].contains("10.0.0.1:5  -") && lines[1].contains("1m01s") && lines[1].contains("2.0KiB"),
+            "{t}"
+        );
     }
 }

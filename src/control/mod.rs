@@ -4,9 +4,14 @@
 //!
 //! | request | answer |
 //! | --- | --- |
+//! | `GET /sessions?route=&tenant=&client=` | 200, the running sessions that match (JSON array) |
+//! | `GET /sessions/ID` | 200, one session; 404 if none runs with that id |
+//! | `DELETE /sessions/ID` | 200, the session, which then closes (`close=operator`); 404 if none |
+//! | `DELETE /sessions?…` | 200, the sessions closed (at least one filter, else 400) |
 //! | `POST /reload` | the same as SIGHUP, answered when done: 200 with what changed, or 422 with every problem |
 //!
-//! Served by [`crate::http`]; this file holds the routes. A verb that needs
+//! Served by [`crate::http`]; this file holds the routes, [`sessions`] the
+//! session verbs. A verb that needs
 //! the node's steps (a reload) is sent to the node's event loop as a
 //! [`NodeRequest`] carrying a oneshot reply, so it runs exactly where a
 //! SIGHUP does; a verb that only reads state can read [`NodeState`]. More
@@ -15,6 +20,7 @@
 //! [`socket`]; the command-line side is [`client`].
 
 pub mod client;
+mod sessions;
 pub(crate) mod socket;
 
 use std::path::Path;
@@ -32,7 +38,7 @@ use crate::http::{self, Body};
 use crate::node::state::NodeState;
 use socket::{SocketError, SocketFile};
 
-/// Largest request body read; no verb needs one yet.
+/// Largest request body read (and discarded); no verb needs one.
 const MAX_BODY: usize = 64 * 1024;
 /// One exchange must end within this time. A reload usually takes
 /// milliseconds; this bounds a client, not the reload (which completes
@@ -100,8 +106,7 @@ pub(crate) struct ControlServer {
 
 /// What every request handler can reach.
 struct Ctx {
-    /// Read-only state; the verbs that list sessions will read it.
-    #[allow(dead_code)]
+    /// Read-only state and the session registry.
     state: Arc<NodeState>,
     node: mpsc::Sender<NodeRequest>,
 }
@@ -146,21 +151,32 @@ async fn serve(listener: UnixListener, ctx: Arc<Ctx>, cancel: CancellationToken)
 /// The control routes.
 async fn route(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
     let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
     let method = req.method().clone();
-    match path.as_str() {
-        "/reload" if method == Method::POST => {
-            if let Err(e) = http::read_body(req, MAX_BODY).await {
-                return body_refused(e);
-            }
-            reload(&ctx).await
-        }
-        "/reload" => {
-            let mut resp = http::text(StatusCode::METHOD_NOT_ALLOWED, "use POST /reload\n");
-            resp.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("POST"));
-            resp
-        }
-        _ => http::text(StatusCode::NOT_FOUND, "not found; try POST /reload\n"),
+    if let Err(e) = http::read_body(req, MAX_BODY).await {
+        return body_refused(e);
     }
+    let registry = &ctx.state.registry;
+    let answer = |(code, body): sessions::Answer| http::json(code, &body);
+    match (path.as_str(), path.strip_prefix("/sessions/")) {
+        ("/reload", _) if method == Method::POST => reload(&ctx).await,
+        ("/reload", _) => not_allowed("POST", "use POST /reload\n"),
+        ("/sessions", _) if method == Method::GET => answer(sessions::list(registry, query.as_deref())),
+        ("/sessions", _) if method == Method::DELETE => {
+            answer(sessions::close_matching(registry, query.as_deref()))
+        }
+        ("/sessions", _) => not_allowed("GET, DELETE", "use GET or DELETE /sessions\n"),
+        (_, Some(id)) if method == Method::GET => answer(sessions::one(registry, id, false)),
+        (_, Some(id)) if method == Method::DELETE => answer(sessions::one(registry, id, true)),
+        (_, Some(_)) => not_allowed("GET, DELETE", "use GET or DELETE /sessions/ID\n"),
+        _ => http::text(StatusCode::NOT_FOUND, "not found; try GET /sessions or POST /reload\n"),
+    }
+}
+
+fn not_allowed(allow: &'static str, text: &'static str) -> Response<Body> {
+    let mut resp = http::text(StatusCode::METHOD_NOT_ALLOWED, text);
+    resp.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static(allow));
+    resp
 }
 
 fn body_refused(e: http::BodyError) -> Response<Body> {

@@ -1,43 +1,207 @@
-//! The running sessions the node can ask about: who, through which route,
-//! from the instant the target answered to the session's end.
+//! The running sessions: who, through which route, how much moved, and the
+//! one way to stop one.
 //!
-//! Today it answers one question, how many running sessions a new config
-//! revokes (`revoking` in `POST /reload`); listing and closing sessions by
-//! id grow from here. The entry is the one place a running session keeps
-//! who it is (its route and connection): the session reads it back for its
-//! revocation checks and its log line. It is registered once per session
-//! and removed when its [`Registration`] drops, so an idle session pays one
-//! map slot beyond what it held anyway.
+//! A session is registered when its target answers (its `session opened`
+//! line) and removed when its [`Registration`] drops, right after its
+//! `session closed` line. Everything that ends sessions from outside goes
+//! through here: an operator's `DELETE /sessions` (`close=operator`), a
+//! reload's revocation after `revoke_grace` (`close=revoked`) and the end of
+//! the drain (`close=shutdown`). Each asks the sessions it selects to close
+//! by setting the entry's close request and waking that one session; no
+//! session is woken for another's close, and an idle session waits on
+//! nothing but its sockets and its entry.
+//!
+//! The entry is also the one place a running session keeps who it is (its
+//! route and connection) and its live byte counts, so `GET /sessions`
+//! answers from the first second of a session, not at its end.
 //!
 //! A leaf like `state.rs`: it must not touch sockets, log, or decide
 //! admission (callers pass the judgement in).
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Waker};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use crate::config::Route;
+use crate::reason::CloseReason;
 use crate::session::addr::ConnInfo;
+
+/// A session id: unique for the node's life, shown as 16 lowercase hex
+/// digits (SPEC: 8 to 32 characters of `[0-9A-Za-z_-]`, starting with a
+/// letter or digit).
+///
+/// Ids count up from a random start chosen when the node starts, so ids of
+/// one node's life are never reused and sort by age, while a restarted
+/// node does not repeat the ids of its last life in the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct SessionId(u64);
+
+impl SessionId {
+    /// Parse what [`fmt::Display`] wrote; `None` for anything else.
+    pub(crate) fn parse(s: &str) -> Option<SessionId> {
+        if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return None;
+        }
+        u64::from_str_radix(s, 16).ok().map(SessionId)
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
 
 /// What the node knows of one running session.
 pub(crate) struct Entry {
+    pub(crate) id: SessionId,
     /// The route it was admitted on (its identity across reloads is the name).
     pub(crate) route: Arc<Route>,
     /// Port, peer, admitted client and endpoint (what the rules judge).
     pub(crate) info: ConnInfo,
+    /// When the target answered (the `session opened` instant).
+    pub(crate) opened: Instant,
+    /// The same instant on the wall clock, for `started` in the listing.
+    opened_wall: SystemTime,
+    to_target: AtomicU64,
+    to_client: AtomicU64,
+    /// Milliseconds after `opened` when a byte last moved either way.
+    last_ms: AtomicU64,
+    close: CloseRequest,
 }
 
-/// Every running session, by a number unique for the node's life.
+/// How one session is asked to close: the reason, and the waker of the
+/// session's task (registered by the session, woken by the asker).
 #[derive(Default)]
+struct CloseRequest {
+    /// 0: not asked; else `1 + CloseReason as u8` of the first request.
+    reason: AtomicU8,
+    waker: Mutex<Option<Waker>>,
+}
+
+/// What [`Entry::live`] reads: the counters a listing shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Live {
+    pub(crate) to_target: u64,
+    pub(crate) to_client: u64,
+    pub(crate) duration: Duration,
+    pub(crate) idle: Duration,
+}
+
+impl Entry {
+    /// A session whose target answered just now.
+    pub(crate) fn new(id: SessionId, route: Arc<Route>, info: ConnInfo) -> Entry {
+        Entry {
+            id,
+            route,
+            info,
+            opened: Instant::now(),
+            opened_wall: SystemTime::now(),
+            to_target: AtomicU64::new(0),
+            to_client: AtomicU64::new(0),
+            last_ms: AtomicU64::new(0),
+            close: CloseRequest::default(),
+        }
+    }
+
+    /// `started` as Unix milliseconds.
+    pub(crate) fn started_unix_ms(&self) -> u64 {
+        self.opened_wall.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+
+    /// Count `n` bytes forwarded to the target (called once per write).
+    pub(crate) fn moved_to_target(&self, n: u64) {
+        self.to_target.fetch_add(n, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// Count `n` bytes forwarded to the client (called once per write).
+    pub(crate) fn moved_to_client(&self, n: u64) {
+        self.to_client.fetch_add(n, Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn touch(&self) {
+        self.last_ms.store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Byte counts, age and idle time, now.
+    pub(crate) fn live(&self) -> Live {
+        let duration = self.opened.elapsed();
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        Live {
+            to_target: self.to_target.load(Ordering::Relaxed),
+            to_client: self.to_client.load(Ordering::Relaxed),
+            duration,
+            idle: duration.saturating_sub(last),
+        }
+    }
+
+    /// Ask the session to close for `reason`, and wake it. The first
+    /// request wins; `false` if the session was already asked.
+    pub(crate) fn request_close(&self, reason: CloseReason) -> bool {
+        let code = 1 + reason as u8;
+        if self.close.reason.compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+            return false;
+        }
+        // The session registers its waker under this lock before it reads
+        // `reason`, so either it sees the request or its waker is here.
+        let waker = self.close.waker.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+        true
+    }
+
+    /// For the session's own task: the close request, if any. With
+    /// `register`, first leave the task's waker for [`Entry::request_close`]
+    /// (once per task poll loop is enough: a task's waker does not change).
+    pub(crate) fn poll_close(&self, cx: &mut Context<'_>, register: bool) -> Option<CloseReason> {
+        if register {
+            let mut slot = self.close.waker.lock().unwrap_or_else(|e| e.into_inner());
+            match slot.as_mut() {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => *slot = Some(cx.waker().clone()),
+            }
+        }
+        self.close_requested()
+    }
+
+    /// The reason the session was asked to close, if it was.
+    pub(crate) fn close_requested(&self) -> Option<CloseReason> {
+        match self.close.reason.load(Ordering::SeqCst) {
+            0 => None,
+            code => CloseReason::ALL.get(usize::from(code - 1)).copied(),
+        }
+    }
+}
+
+/// Every running session, by id.
 pub(crate) struct Registry {
+    /// The next id's number.
     next: AtomicU64,
-    entries: Mutex<HashMap<u64, Arc<Entry>>>,
+    entries: Mutex<HashMap<SessionId, Arc<Entry>>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        // A random start: std's RandomState is seeded from the OS.
+        let start = RandomState::new().hash_one(std::process::id());
+        // Keep clear of the wrap, so ids of one life only ever count up.
+        Registry { next: AtomicU64::new(start >> 1), entries: Mutex::default() }
+    }
 }
 
 /// A session's place in the registry; dropping it removes the entry.
 pub(crate) struct Registration {
     registry: Arc<Registry>,
-    id: u64,
     entry: Arc<Entry>,
 }
 
@@ -50,28 +214,55 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry.lock().remove(&self.id);
+        self.registry.lock().remove(&self.entry.id);
     }
 }
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Entry>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<SessionId, Arc<Entry>>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new id, for a connection that passed admission (its failed-dial
+    /// line carries it too, so ids are taken before the dial).
+    pub(crate) fn new_id(&self) -> SessionId {
+        SessionId(self.next.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Register a running session until the returned value drops.
     pub(crate) fn register(self: &Arc<Self>, entry: Entry) -> Registration {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(entry);
-        self.lock().insert(id, Arc::clone(&entry));
-        Registration { registry: Arc::clone(self), id, entry }
+        self.lock().insert(entry.id, Arc::clone(&entry));
+        Registration { registry: Arc::clone(self), entry }
     }
 
-    /// How many running sessions satisfy `pred` (judged outside the lock,
-    /// so sessions can start and end meanwhile).
+    /// The sessions that satisfy `pred`, oldest first (judged outside the
+    /// lock, so sessions can start and end meanwhile).
+    pub(crate) fn select(&self, pred: impl Fn(&Entry) -> bool) -> Vec<Arc<Entry>> {
+        let all: Vec<Arc<Entry>> = self.lock().values().cloned().collect();
+        let mut chosen: Vec<Arc<Entry>> = all.into_iter().filter(|e| pred(e)).collect();
+        chosen.sort_by_key(|e| e.id);
+        chosen
+    }
+
+    /// One session by id.
+    pub(crate) fn get(&self, id: SessionId) -> Option<Arc<Entry>> {
+        self.lock().get(&id).cloned()
+    }
+
+    /// How many running sessions satisfy `pred`.
     pub(crate) fn count(&self, pred: impl Fn(&Entry) -> bool) -> usize {
-        let entries: Vec<Arc<Entry>> = self.lock().values().cloned().collect();
-        entries.iter().filter(|e| pred(e)).count()
+        self.select(pred).len()
+    }
+
+    /// Ask every session that satisfies `pred` to close for `reason`;
+    /// returns those selected (including any already asked to close).
+    pub(crate) fn close(&self, pred: impl Fn(&Entry) -> bool, reason: CloseReason) -> Vec<Arc<Entry>> {
+        let chosen = self.select(pred);
+        for e in &chosen {
+            e.request_close(reason);
+        }
+        chosen
     }
 }
 
@@ -79,21 +270,78 @@ impl Registry {
 mod tests {
     use super::*;
 
+    fn entry(reg: &Registry, route: &Arc<Route>, peer: &str) -> Entry {
+        let peer = crate::session::addr::PeerAddr(peer.parse().unwrap());
+        Entry::new(reg.new_id(), Arc::clone(route), ConnInfo::unheaded(1, peer))
+    }
+
     #[test]
     fn entries_live_as_long_as_their_registration() {
         let reg = Arc::new(Registry::default());
         let route = Arc::new(crate::routes::test_route("a", 1, None, &["0.0.0.0/0"], &[]));
-        let entry = |peer: &str| {
-            let peer = crate::session::addr::PeerAddr(peer.parse().unwrap());
-            Entry { route: Arc::clone(&route), info: ConnInfo::unheaded(1, peer) }
-        };
-        let a = reg.register(entry("10.0.0.1:1"));
-        let b = reg.register(entry("10.0.0.2:2"));
+        let a = reg.register(entry(&reg, &route, "10.0.0.1:1"));
+        let b = reg.register(entry(&reg, &route, "10.0.0.2:2"));
         assert_eq!(reg.count(|_| true), 2);
         assert_eq!(reg.count(|e| e.info.client.0.port() == 2), 1);
+        assert_eq!(reg.get(a.entry().id).map(|e| e.id), Some(a.entry().id));
+        let ids: Vec<SessionId> = reg.select(|_| true).iter().map(|e| e.id).collect();
+        assert_eq!(ids, vec![a.entry().id, b.entry().id], "oldest first");
         drop(a);
         assert_eq!(reg.count(|_| true), 1);
         drop(b);
         assert_eq!(reg.count(|_| true), 0);
+    }
+
+    #[test]
+    fn ids_are_unique_and_render_as_the_contract_says() {
+        let reg = Registry::default();
+        let ids: std::collections::HashSet<String> = (0..10_000).map(|_| reg.new_id().to_string()).collect();
+        assert_eq!(ids.len(), 10_000);
+        for id in ids.iter().take(100) {
+            assert_eq!(id.len(), 16);
+            assert!(id.bytes().all(|b| b.is_ascii_alphanumeric()), "{id}");
+            assert_eq!(SessionId::parse(id).map(|p| p.to_string()).as_deref(), Some(id.as_str()));
+        }
+        for bad in
+            ["", "xyz", "00000000000000000", "000000000000000G", "-000000000000000", "ABCDEF0000000000"]
+        {
+            assert_eq!(SessionId::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_close_request_wakes_its_session_once_and_first_reason_wins() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let reg = Arc::new(Registry::default());
+        let route = Arc::new(crate::routes::test_route("a", 1, None, &["0.0.0.0/0"], &[]));
+        let r = reg.register(entry(&reg, &route, "10.0.0.1:1"));
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(r.entry().poll_close(&mut cx, true), None);
+        let closed = reg.close(|e| e.route.name == "a", CloseReason::Operator);
+        assert_eq!(closed.len(), 1);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(!r.entry().request_close(CloseReason::Shutdown));
+        assert_eq!(r.entry().poll_close(&mut cx, false), Some(CloseReason::Operator));
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn live_counts_add_up() {
+        let reg = Registry::default();
+        let route = Arc::new(crate::routes::test_route("a", 1, None, &["0.0.0.0/0"], &[]));
+        let e = entry(&reg, &route, "10.0.0.1:1");
+        e.moved_to_target(10);
+        e.moved_to_target(5);
+        e.moved_to_client(7);
+        let live = e.live();
+        assert_eq!((live.to_target, live.to_client), (15, 7));
+        assert!(live.idle <= live.duration);
     }
 }

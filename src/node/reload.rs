@@ -5,9 +5,11 @@
 //! The file is loaded and validated off the async workers. An invalid file
 //! changes nothing. A valid one is applied in an order that never refuses a
 //! connection: bind the new ports (all or nothing), publish the new route
-//! snapshot, then close the ports that were dropped. Running sessions receive
-//! the snapshot through [`NodeState`](crate::node::state::NodeState) and
-//! re-check themselves (see `session/mod.rs`); there is no restart branch.
+//! snapshot, then close the ports that were dropped. Running sessions are
+//! judged against the new snapshot over the session registry: those it no
+//! longer admits are counted now (`revoking`) and, after `revoke_grace`,
+//! asked to close unless a later config admits them again
+//! ([`revoke_after_grace`]). There is no restart branch.
 //!
 //! A step of the node: it must not call shutdown, nor be called from below.
 
@@ -167,9 +169,10 @@ impl Node {
             hash = %snap.hash,
             "config reloaded"
         );
-        // Sessions judge themselves against the new snapshot (session/mod.rs);
-        // the same judgement over the registry says how many will go.
         let revoking = state.registry.count(|e| !admission::still_admits(&snap, &e.route, &e.info));
+        if revoking > 0 {
+            tokio::spawn(revoke_after_grace(Arc::clone(&state), snap.config.timeouts.revoke_grace));
+        }
         Ok(ReloadSummary {
             added: diff.added,
             removed: diff.removed,
@@ -177,6 +180,20 @@ impl Node {
             revoking,
             hash: snap.hash.clone(),
         })
+    }
+}
+
+/// After `grace`, close every running session that the config serving
+/// *then* does not admit (`close=revoked`): a later reload that admits a
+/// session again saves it, one that revokes it too does not delay it.
+async fn revoke_after_grace(state: Arc<crate::node::state::NodeState>, grace: std::time::Duration) {
+    tokio::time::sleep(grace).await;
+    let snap = state.snapshot();
+    let closed = state
+        .registry
+        .close(|e| !admission::still_admits(&snap, &e.route, &e.info), crate::reason::CloseReason::Revoked);
+    if !closed.is_empty() {
+        tracing::info!(sessions = closed.len(), "revoke_grace ended: closing revoked sessions");
     }
 }
 

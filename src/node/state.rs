@@ -6,13 +6,13 @@
 //! ordering rules live in one place instead of in the order of calls spread
 //! over several files:
 //!
-//! - [`NodeState::publish`] stores a snapshot, *then* bumps the generation,
-//!   *then* wakes every waiting session.
+//! - [`NodeState::publish`] stores a snapshot, *then* bumps the generation.
 //! - [`NodeState::admission_view`] reads the generation *before* the
 //!   snapshot, so a connection admitted under snapshot N with generation
-//!   N-1 (a publish raced it) is re-checked at once, never missed.
-//! - [`NodeState::observe`] registers the caller's waiter *before* it looks
-//!   at the state, so a change between the two is not lost.
+//!   N-1 (a publish raced it) is re-checked when it registers, never missed
+//!   ([`NodeState::republished_since`]).
+//! - [`NodeState::close_sessions`] sets `closing` *before* it walks the
+//!   registry, and a registering session reads it *after* inserting itself.
 //! - Readiness is written only through [`NodeState::set_ready`] and read
 //!   only through [`NodeState::is_ready`], with one ordering.
 //!
@@ -22,18 +22,16 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use tokio::sync::futures::Notified;
-use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::node::registry::Registry;
+use crate::reason::CloseReason;
 use crate::routes::{RouteStates, RouteTable};
 
 /// One effective config with its route table; swapped whole on reload.
@@ -54,20 +52,10 @@ impl Snapshot {
     }
 }
 
-/// Which publish a running session last checked itself against.
+/// Which publish a connection was admitted under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Subscription {
     seen: u64,
-}
-
-/// What [`NodeState::observe`] found since a session last looked.
-pub(crate) enum Observed {
-    /// Nothing relevant changed.
-    Nothing,
-    /// A new snapshot was published: re-check admission against it.
-    Republished(arc_swap::Guard<Arc<Snapshot>>),
-    /// The drain ended: close now.
-    Closing,
 }
 
 /// State shared by the accept loops, sessions, the admin server and the
@@ -75,13 +63,11 @@ pub(crate) enum Observed {
 pub(crate) struct NodeState {
     /// The current config and routes; loaded once per connection, lock-free.
     snapshot: ArcSwap<Snapshot>,
-    /// Bumped by every publish (after the store), so a running session can
-    /// tell that it must re-check its admission.
+    /// Bumped by every publish (after the store), so a session that was
+    /// dialing meanwhile can tell that it must re-check its admission.
     generation: AtomicU64,
-    /// Wakes every running session after a publish or [`NodeState::close_sessions`].
-    changed: Notify,
-    /// Set at the end of the drain: remaining sessions close. Sessions learn
-    /// of it through `changed`, so an idle session waits on one thing only.
+    /// Set at the end of the drain, before the registry is walked: a session
+    /// that registers afterwards closes at once.
     closing: AtomicBool,
     /// `/readyz`: every listener bound and not shutting down.
     ready: AtomicBool,
@@ -108,7 +94,6 @@ impl NodeState {
         Arc::new(NodeState {
             snapshot: ArcSwap::new(snap),
             generation: AtomicU64::new(0),
-            changed: Notify::new(),
             closing: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             active: AtomicUsize::new(0),
@@ -133,41 +118,30 @@ impl NodeState {
         (Subscription { seen }, self.snapshot.load_full())
     }
 
-    /// Publish a new snapshot to new connections and running sessions.
+    /// Publish a new snapshot to new connections. (Running sessions are
+    /// judged against it by the node, through the registry.)
     pub(crate) fn publish(&self, snap: Arc<Snapshot>) {
         self.metrics.routes.set(snap.table.len() as f64);
         self.metrics.set_config_hash(&snap.hash);
         self.snapshot.store(snap);
         self.generation.fetch_add(1, Ordering::SeqCst);
-        self.changed.notify_waiters();
     }
 
-    /// End of the drain: tell every running session to close.
+    /// Whether a snapshot was published after `sub` was taken.
+    pub(crate) fn republished_since(&self, sub: Subscription) -> bool {
+        self.generation.load(Ordering::SeqCst) != sub.seen
+    }
+
+    /// End of the drain: ask every running session to close
+    /// (`close=shutdown`), and any that registers later too.
     pub(crate) fn close_sessions(&self) {
         self.closing.store(true, Ordering::SeqCst);
-        self.changed.notify_waiters();
+        self.registry.close(|_| true, CloseReason::Shutdown);
     }
 
-    /// A waiter for the next change; pass it to [`NodeState::observe`]
-    /// pinned, and poll it alongside the session's own work.
-    pub(crate) fn changes(&self) -> Notified<'_> {
-        self.changed.notified()
-    }
-
-    /// Arm `waiter` for the next change, then say what changed since `sub`
-    /// last looked (and move `sub` forward). Arming first means a change
-    /// that lands between the two still wakes the waiter.
-    pub(crate) fn observe(&self, waiter: Pin<&mut Notified<'_>>, sub: &mut Subscription) -> Observed {
-        waiter.enable();
-        if self.closing.load(Ordering::SeqCst) {
-            return Observed::Closing;
-        }
-        let generation = self.generation.load(Ordering::SeqCst);
-        if generation == sub.seen {
-            return Observed::Nothing;
-        }
-        sub.seen = generation;
-        Observed::Republished(self.snapshot.load())
+    /// Whether the drain has ended.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
     }
 
     pub(crate) fn set_ready(&self, ready: bool) {
@@ -265,23 +239,18 @@ impl Drop for SourceSlot {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_publish_between_admission_and_observe_is_seen() {
+    #[test]
+    fn a_publish_after_admission_is_seen() {
         let state = NodeState::new(Config::with_defaults("x.toml".into()), Arc::new(Metrics::new()));
-        let (mut sub, snap) = state.admission_view();
-        let waiter = std::pin::pin!(state.changes());
-        let mut waiter = waiter;
-        assert!(matches!(state.observe(waiter.as_mut(), &mut sub), Observed::Nothing));
+        let (sub, snap) = state.admission_view();
+        assert!(!state.republished_since(sub));
         state.publish(Arc::new(Snapshot::new((*snap.config).clone(), &state.states)));
-        // The armed waiter was woken, and the next look reports the publish once.
-        waiter.as_mut().await;
-        let mut next = std::pin::pin!(state.changes());
-        assert!(matches!(state.observe(next.as_mut(), &mut sub), Observed::Republished(_)));
-        let mut again = std::pin::pin!(state.changes());
-        assert!(matches!(state.observe(again.as_mut(), &mut sub), Observed::Nothing));
+        assert!(state.republished_since(sub));
+        let (sub, _) = state.admission_view();
+        assert!(!state.republished_since(sub));
+        assert!(!state.is_closing());
         state.close_sessions();
-        let mut last = std::pin::pin!(state.changes());
-        assert!(matches!(state.observe(last.as_mut(), &mut sub), Observed::Closing));
+        assert!(state.is_closing());
     }
 
     #[test]

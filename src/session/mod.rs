@@ -5,18 +5,22 @@
 //! 1. [`header`]: the PROXY header (or probe detection), under its timeout;
 //! 2. [`admission`]: route lookup, allowlists, limits;
 //! 3. [`dial`]: the target connection;
-//! 4. forward (`crate::forward`), watched for reloads and the drain's end;
-//! 5. [`record`]: counters and the one log line.
+//! 4. the session is registered (`crate::node::registry`, its `session
+//!    opened` line), then forwards (`crate::forward`) until it ends or is
+//!    asked to close through its registry entry;
+//! 5. [`record`]: counters and the `session closed` line.
 //!
 //! Every step that can wait (the header, the dial) runs here, inside the
 //! session's own task and under its own timeout, never in the accept loop.
 //! A connection is judged by one snapshot, taken when its session starts
-//! (header policy and admission agree); a reload published after that is
-//! seen through the node state's subscription, and a session the new config
-//! would refuse is closed after `revoke_grace`.
+//! (header policy and admission agree). Later changes reach a running
+//! session only as a close request on its entry: an operator's, a reload's
+//! revocation after `revoke_grace` (the node walks the registry), the end
+//! of the drain. A session that registers while one of those happens
+//! catches up by itself ([`catch_up`]).
 //!
 //! No step calls back up: this module drives them, and learns of reloads and
-//! shutdown only through [`NodeState`].
+//! shutdown only through [`NodeState`] and its registry.
 
 pub(crate) mod addr;
 pub(crate) mod admission;
@@ -41,7 +45,7 @@ use self::header::Opening;
 use self::record::SessionEnd;
 use crate::forward::{ByteSink, End, Forward, Side};
 use crate::node::registry::{Entry, Registration};
-use crate::node::state::{NodeState, Observed, SessionGuard, Snapshot, SourceSlot, Subscription};
+use crate::node::state::{NodeState, SessionGuard, Snapshot, SourceSlot, Subscription};
 use crate::reason::{CloseReason, Reject};
 use crate::routes::{RouteSlot, RouteState};
 use crate::sockopt;
@@ -61,23 +65,26 @@ pub(crate) fn run(
     state: Arc<NodeState>,
 ) -> impl Future<Output = ()> {
     // Not an `async fn`: its arguments would sit in the session's state for
-    // its whole life. The async block holds only the boxed setup and `state`.
-    let setup = Box::pin(setup(stream, peer, port, Arc::clone(&state)));
+    // its whole life. The async block holds only the boxed setup.
+    let setup = Box::pin(setup(stream, peer, port, state));
     async move {
-        let Some(Admitted { client, target, early, idle, sub, meta }) = setup.await else {
+        let Some(Admitted { client, target, early, idle, meta }) = setup.await else {
             return;
         };
-        let sink = StateSink(meta.route_slot.state());
+        let who = meta.registration.entry();
+        let sink = LiveSink { route: meta.route_slot.state(), entry: who };
         let mut fwd = Forward::new(client, target, early, idle, &sink);
-        let (close, error) = forward_watching(&state, &mut fwd, sub, &meta).await;
+        let (close, error) = forward_watching(&mut fwd, who).await;
         let bytes = fwd.bytes();
         drop(fwd);
-        let elapsed = meta.started.elapsed();
-        meta.route_slot.state().metrics.session_duration.record(elapsed.as_secs_f64());
-        let Meta { route_slot, source_slot, session, registration, .. } = *meta;
+        let elapsed = who.opened.elapsed();
+        let metrics = &meta.route_slot.state().metrics;
+        metrics.session_duration.record(elapsed.as_secs_f64());
+        metrics.closed(close).increment(1);
+        let Meta { route_slot, source_slot, session, registration } = *meta;
         drop((source_slot, route_slot, session));
         let who = registration.entry();
-        let end = SessionEnd { route: &who.route, info: &who.info, bytes, elapsed };
+        let end = SessionEnd { id: who.id, route: &who.route, info: &who.info, bytes, elapsed };
         end.log(close, error.as_ref().map(|e| e as &dyn std::fmt::Display), None);
     }
 }
@@ -89,20 +96,17 @@ struct Admitted {
     /// Client bytes read after the PROXY header.
     early: Vec<u8>,
     idle: Option<Duration>,
-    /// The publish the session was admitted under.
-    sub: Subscription,
     meta: Box<Meta>,
 }
 
-/// Who the session is and what it holds, read at its end (log line, limits)
-/// and on reloads (revocation); boxed, out of the forwarding state.
+/// What the session holds until its end (limits, the active count) and who
+/// it is; boxed, out of the forwarding state.
 struct Meta {
-    started: Instant,
     route_slot: RouteSlot,
     source_slot: Option<SourceSlot>,
     session: SessionGuard,
-    /// Who the session is (route and connection), kept in the node's
-    /// registry from the dial's success until the session's log line.
+    /// Who the session is (id, route, connection, live counts), kept in the
+    /// node's registry from the dial's success until the session's log line.
     registration: Registration,
 }
 
@@ -139,6 +143,7 @@ async fn setup(stream: TcpStream, peer: SocketAddr, port: u16, state: Arc<NodeSt
     let session = state.session_guard();
     let metrics = &route_slot.state().metrics;
     metrics.accepted.increment(1);
+    let id = state.registry.new_id();
 
     // 3. Dial.
     let started = Instant::now();
@@ -147,8 +152,10 @@ async fn setup(stream: TcpStream, peer: SocketAddr, port: u16, state: Arc<NodeSt
         Err(e) => {
             let kind = e.kind();
             metrics.connect_error(kind).increment(1);
+            metrics.closed(CloseReason::Error).increment(1);
             close_cleanly(&stream);
-            let end = SessionEnd { route: &route, info: &info, bytes: (0, 0), elapsed: started.elapsed() };
+            let elapsed = started.elapsed();
+            let end = SessionEnd { id, route: &route, info: &info, bytes: (0, 0), elapsed };
             end.log(CloseReason::Error, Some(&e), Some(kind.as_str()));
             return None;
         }
@@ -163,9 +170,28 @@ async fn setup(stream: TcpStream, peer: SocketAddr, port: u16, state: Arc<NodeSt
     // The snapshot is not kept: a session lasting hours must not pin the
     // config (and route table) it started under.
     let idle = snap.config.timeouts.idle;
-    let registration = state.registry.register(Entry { route, info });
-    let meta = Box::new(Meta { started, route_slot, source_slot, session, registration });
-    Some(Admitted { client: stream, target, early, idle, sub, meta })
+    drop(snap);
+    let registration = state.registry.register(Entry::new(id, route, info));
+    record::opened(registration.entry());
+    catch_up(&state, sub, registration.entry());
+    let meta = Box::new(Meta { route_slot, source_slot, session, registration });
+    Some(Admitted { client: stream, target, early, idle, meta })
+}
+
+/// A session that registers while the node moves on: if the drain ended,
+/// or a reload published since its admission no longer admits it, it is
+/// asked to close at once. Those ends and this check both go through the
+/// registry's lock (the closer sets its flag, then walks the registry; the
+/// session inserts itself, then reads the flag), so a session is either
+/// walked over or sees the change here, never neither.
+fn catch_up(state: &NodeState, admitted_under: Subscription, entry: &Entry) {
+    if state.is_closing() {
+        entry.request_close(CloseReason::Shutdown);
+    } else if state.republished_since(admitted_under)
+        && !admission::still_admits(&state.snapshot(), &entry.route, &entry.info)
+    {
+        entry.request_close(CloseReason::Revoked);
+    }
 }
 
 /// Refuse a connection, unless it turns out to be a probe (closes without
@@ -200,85 +226,63 @@ fn close_cleanly(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
 }
 
-/// Counts forwarded bytes into the route's series.
-struct StateSink<'a>(&'a RouteState);
+/// Counts forwarded bytes into the route's series and the session's entry
+/// (the live counts `GET /sessions` shows).
+struct LiveSink<'a> {
+    route: &'a RouteState,
+    entry: &'a Entry,
+}
 
-impl ByteSink for StateSink<'_> {
+impl ByteSink for LiveSink<'_> {
     fn to_target(&self, n: u64) {
-        self.0.metrics.bytes_to_target.increment(n);
+        self.route.metrics.bytes_to_target.increment(n);
+        self.entry.moved_to_target(n);
     }
     fn to_client(&self, n: u64) {
-        self.0.metrics.bytes_to_client.increment(n);
+        self.route.metrics.bytes_to_client.increment(n);
+        self.entry.moved_to_client(n);
     }
 }
 
-/// Forward, while also watching for the end of the drain and for reloads
-/// that revoke this session.
+/// Forward until the session ends by itself or is asked to close through
+/// the registry (an operator, a revocation, the end of the drain). The
+/// close request is the only thing an idle session waits on beside its
+/// sockets.
 async fn forward_watching(
-    state: &NodeState,
-    fwd: &mut Forward<'_, StateSink<'_>>,
-    mut sub: Subscription,
-    meta: &Meta,
+    fwd: &mut Forward<'_, LiveSink<'_>>,
+    entry: &Entry,
 ) -> (CloseReason, Option<io::Error>) {
-    // The revocation timer exists only once a reload revokes the session, so
-    // an idle session's future does not carry a timer.
-    let mut revoke: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    loop {
-        let mut changed = std::pin::pin!(state.changes());
-        match state.observe(changed.as_mut(), &mut sub) {
-            Observed::Nothing => {}
-            Observed::Closing => {
-                fwd.close_both();
-                return (CloseReason::Shutdown, None);
-            }
-            Observed::Republished(snap) => {
-                let who = meta.registration.entry();
-                if admission::still_admits(&snap, &who.route, &who.info) {
-                    revoke = None;
-                } else if revoke.is_none() {
-                    revoke = Some(Box::pin(tokio::time::sleep(snap.config.timeouts.revoke_grace)));
-                }
-            }
+    let mut registered = false;
+    let woke = std::future::poll_fn(|cx| {
+        if let Some(reason) = entry.poll_close(cx, !registered) {
+            return Poll::Ready(Wake::Asked(reason));
         }
-        let woke = std::future::poll_fn(|cx| {
-            if let Poll::Ready(end) = Pin::new(&mut *fwd).poll(cx) {
-                return Poll::Ready(Wake::Forwarded(end));
-            }
-            if let Some(r) = revoke.as_mut() {
-                if r.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Wake::Revoked);
-                }
-            }
-            match changed.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Wake::Changed),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await;
-        return match woke {
-            Wake::Changed => continue,
-            Wake::Revoked => {
-                fwd.close_both();
-                (CloseReason::Revoked, None)
-            }
-            Wake::Forwarded(End::Closed { first: Side::Client }) => (CloseReason::ClientClosed, None),
-            Wake::Forwarded(End::Closed { first: Side::Target }) => (CloseReason::TargetClosed, None),
-            Wake::Forwarded(End::Reset { side: Side::Client }) => (CloseReason::ClientClosed, None),
-            Wake::Forwarded(End::Reset { side: Side::Target }) => (CloseReason::TargetClosed, None),
-            Wake::Forwarded(End::Error { error, .. }) => (CloseReason::Error, Some(error)),
-            Wake::Forwarded(End::Idle) => {
-                fwd.close_both();
-                (CloseReason::IdleTimeout, None)
-            }
-        };
+        registered = true;
+        Pin::new(&mut *fwd).poll(cx).map(Wake::Forwarded)
+    })
+    .await;
+    match woke {
+        Wake::Asked(reason) => {
+            fwd.close_both();
+            (reason, None)
+        }
+        Wake::Forwarded(End::Closed { first: Side::Client }) => (CloseReason::ClientClosed, None),
+        Wake::Forwarded(End::Closed { first: Side::Target }) => (CloseReason::TargetClosed, None),
+        Wake::Forwarded(End::Reset { side: Side::Client }) => (CloseReason::ClientClosed, None),
+        Wake::Forwarded(End::Reset { side: Side::Target }) => (CloseReason::TargetClosed, None),
+        Wake::Forwarded(End::Error { error, .. }) => (CloseReason::Error, Some(error)),
+        Wake::Forwarded(End::Idle) => {
+            fwd.close_both();
+            (CloseReason::IdleTimeout, None)
+        }
     }
 }
 
 /// What woke [`forward_watching`].
 enum Wake {
     Forwarded(End),
-    Revoked,
-    Changed,
+    /// Asked to close through the registry.
+    Asked(CloseReason),
 }
 
 #[cfg(test)]

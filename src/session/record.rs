@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::addr::ConnInfo;
 use crate::config::Route;
 use crate::metrics::Metrics;
+use crate::node::registry::{Entry, SessionId};
 use crate::reason::{CloseReason, Reject};
 use crate::routes::RouteEntry;
 
@@ -37,8 +38,25 @@ pub(super) fn rejected(
     );
 }
 
+/// The `session opened` line: the target answered, and the session is
+/// listed from now on.
+pub(super) fn opened(e: &Entry) {
+    tracing::info!(
+        id = %e.id,
+        route = %e.route.name,
+        tenant = %e.route.tenant,
+        port = e.info.port,
+        client = %e.info.client.0,
+        peer = %e.info.peer.0,
+        endpoint = %e.info.endpoint.as_deref().unwrap_or("-"),
+        target = %e.route.target,
+        "session opened"
+    );
+}
+
 /// What the session-end log line says.
 pub(super) struct SessionEnd<'a> {
+    pub(super) id: SessionId,
     pub(super) route: &'a Route,
     pub(super) info: &'a ConnInfo,
     /// (to_target, to_client)
@@ -48,7 +66,8 @@ pub(super) struct SessionEnd<'a> {
 
 impl SessionEnd<'_> {
     /// The one line per session end (the contract's fields, plus `error` and
-    /// `error_kind` when there is one).
+    /// `error_kind` when there is one). The caller counts it in
+    /// `portgate_sessions_closed_total`.
     pub(super) fn log(
         &self,
         close: CloseReason,
@@ -56,6 +75,7 @@ impl SessionEnd<'_> {
         error_kind: Option<&str>,
     ) {
         tracing::info!(
+            id = %self.id,
             route = %self.route.name,
             tenant = %self.route.tenant,
             port = self.info.port,

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 mod config;
+pub mod control;
 
 // Each test binary uses what it needs of the harness, as with dead_code above.
 #[allow(unused_imports)]
