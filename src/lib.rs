@@ -15,12 +15,13 @@
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | [`cli`] | the command line (clap): `run`, `check`, `routes`, `ssh-config`, `reload`; `check`/`routes` output |
+//! | [`cli`] | the command line (clap): `run`, `check`, `routes`, `ssh-config`, `reload`, `sessions`, `close`; `check`/`routes` output |
 //! | [`config`] | loading, includes and validation of the TOML file; defaults; the config hash |
 //! | `node` | the running node: startup and the event loop (signals, control requests); its steps `reload` and `shutdown` |
-//! | `node::state` | the published snapshot and the publish/observe protocol (a leaf) |
+//! | `node::state` | the published snapshot and its protocol: generation, closing, readiness (a leaf) |
+//! | `node::registry` | the running sessions: ids, live counts, close requests (a leaf) |
 //! | `listener` | binding the port set, the accept loop, reconciling on reload |
-//! | `session` | one connection: `header`, `admission`, `dial`, forwarding watch, `record` |
+//! | `session` | one connection: `header`, `admission`, `dial`, registration, forwarding, `record` |
 //! | `forward` | two-way byte copy: one `half` per direction, splice `pipe`s, buffer `pool`s |
 //! | `routes` | the `(port, via)` route table and per-route runtime state |
 //! | `reason` | the label vocabulary: reject reasons, close reasons, connect error kinds |
@@ -29,7 +30,7 @@
 //! | [`metrics`] | every Prometheus series and label |
 //! | `http` | the HTTP/1.1 server (hyper) both HTTP surfaces share; the PROXY-header rewind |
 //! | `admin` | the admin port's routes: `/metrics`, `/healthz`, `/readyz` |
-//! | [`control`] | the control socket's routes (`POST /reload`), its file, and the `portgate reload` client |
+//! | [`control`] | the control socket's routes (`/sessions`, `POST /reload`), its file, and the command-line client |
 //! | [`logging`] | text/JSON logs through a bounded queue to a writer thread; `RUST_LOG` |
 //! | `systemd` | sd_notify and the watchdog |
 //! | [`ssh_config`] | rendering `ssh_config(5)` blocks |
