@@ -202,23 +202,40 @@ fn ssh_config_is_accepted_by_openssh() {
 }
 
 #[test]
-fn systemd_unit_passes_systemd_analyze_verify() {
+fn systemd_units_pass_systemd_analyze_verify() {
     let probe = Command::new("systemd-analyze").arg("--version").output();
     if !require("systemd-analyze", probe.is_ok(), "apt-get install systemd") {
         return;
     }
     assert!(probe.unwrap().status.success());
-    // verify checks that ExecStart's binary exists: point it at the built one.
     let unit = std::fs::read_to_string(repo("systemd/portgate.service")).unwrap();
     assert!(unit.contains("Type=notify") && unit.contains("ExecReload=") && unit.contains("WatchdogSec="));
+    // The fleet's config sync: a oneshot service, its timer, and the script.
+    let sync = std::fs::read_to_string(repo("systemd/portgate-config-sync.service")).unwrap();
+    let timer = std::fs::read_to_string(repo("systemd/portgate-config-sync.timer")).unwrap();
+    assert!(sync.contains("Type=oneshot") && sync.contains("ExecStart=/usr/local/bin/portgate-config-sync"));
+    assert!(timer.contains("OnUnitActiveSec=") && timer.contains("RandomizedDelaySec="));
+    // verify checks that each ExecStart binary exists: point them at the built
+    // binary and the repository's script.
+    let script = repo("systemd/portgate-config-sync");
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("portgate.service");
-    std::fs::write(&path, unit.replace("/usr/local/bin/portgate", BIN)).unwrap();
-    let o = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    let mut paths = Vec::new();
+    for (name, text) in [
+        ("portgate.service", unit.replace("/usr/local/bin/portgate", BIN)),
+        (
+            "portgate-config-sync.service",
+            sync.replace("/usr/local/bin/portgate-config-sync", script.to_str().unwrap()),
+        ),
+        ("portgate-config-sync.timer", timer),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        paths.push(path);
+    }
+    let o = Command::new("systemd-analyze").arg("verify").args(&paths).output().unwrap();
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}{err}");
-    // Unknown or misspelled keys are only warnings: treat any line about the unit as a failure.
-    let about_unit: Vec<&str> =
-        err.lines().chain(out.lines()).filter(|l| l.contains("portgate.service")).collect();
-    assert!(about_unit.is_empty(), "systemd-analyze complained: {about_unit:?}");
+    // Unknown or misspelled keys are only warnings: treat any line about a unit as a failure.
+    let about_units: Vec<&str> = err.lines().chain(out.lines()).filter(|l| l.contains("portgate")).collect();
+    assert!(about_units.is_empty(), "systemd-analyze complained: {about_units:?}");
 }

@@ -528,7 +528,7 @@ impl Model {
         let admin_port = match self.admin {
             Some(Some(a)) => Some(a.port()),
             Some(None) => None,
-            None => Some(9090),
+            None => Some(14090),
         };
         if let Some(p) = admin_port.filter(|&p| p != 0) {
             let in_range = ports.is_some_and(|(first, last, _)| (first..=last).contains(&p));
@@ -678,7 +678,7 @@ impl Model {
         prop_assert_eq!(cfg.timeouts.revoke_grace, d(&self.revoke_grace, 30));
         prop_assert_eq!(
             cfg.admin.listen,
-            self.admin.unwrap_or(Some(SocketAddr::from(([127, 0, 0, 1], 9090))))
+            self.admin.unwrap_or(Some(SocketAddr::from(([127, 0, 0, 1], 14090))))
         );
         let format = if self.json == Some(true) { LogFormat::Json } else { LogFormat::Text };
         prop_assert_eq!(cfg.log.format, format);

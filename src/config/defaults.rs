@@ -48,8 +48,12 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 /// `timeouts.revoke_grace`: a session a reload no longer admits gets as long
 /// to finish as one that a shutdown drains.
 pub const DEFAULT_REVOKE_GRACE: Duration = Duration::from_secs(30);
-/// `admin.listen`: loopback only, so metrics are not exposed by default.
-pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9090));
+/// `admin.listen`: loopback only, so metrics are not exposed by default. Port
+/// 14090: not 9090, the Prometheus server's own default (a node that runs a
+/// Prometheus too would collide), and outside the 9100-9999 exporter range,
+/// which the Prometheus project's "default port allocations" list has handed
+/// out in full (README, "Admin port").
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 14090));
 /// `log.format`: text, for a human reading the journal.
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 /// `log.level`: one line per session end and per rejection, no debug noise.

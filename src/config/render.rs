@@ -240,7 +240,7 @@ mod tests {
             "shutdown_delay = \"0s\"",
             "drain = \"30s\"",
             "revoke_grace = \"30s\"",
-            "listen = \"127.0.0.1:9090\"",
+            "listen = \"127.0.0.1:14090\"",
             "format = \"text\"",
             "level = \"info\"",
             "endpoints = []",

@@ -25,7 +25,7 @@ pub(super) fn check(cx: &mut Ctx, raw: &RawAdmin) -> Admin {
                     0,
                     s.span(),
                     format!(
-                        "admin.listen {:?}: expected IP:port like \"127.0.0.1:9090\", or \"off\"",
+                        "admin.listen {:?}: expected IP:port like \"127.0.0.1:14090\", or \"off\"",
                         s.get_ref()
                     ),
                 );
