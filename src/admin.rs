@@ -30,6 +30,8 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The running admin listener.
 pub(crate) struct AdminServer {
+    /// Kept to hand the socket to a successor (upgrade in place).
+    listener: Arc<TcpListener>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -37,10 +39,25 @@ pub(crate) struct AdminServer {
 impl AdminServer {
     /// Bind `addr` and start serving.
     pub(crate) fn bind(addr: SocketAddr, state: Arc<NodeState>) -> io::Result<AdminServer> {
-        let listener = sockopt::bind_listener(addr.ip(), addr.port())?;
+        Ok(Self::serve(sockopt::bind_listener(addr.ip(), addr.port())?, state))
+    }
+
+    /// Serve a socket a predecessor listened on (upgrade in place).
+    pub(crate) fn inherit(listener: std::net::TcpListener, state: Arc<NodeState>) -> io::Result<AdminServer> {
+        listener.set_nonblocking(true)?;
+        Ok(Self::serve(TcpListener::from_std(listener)?, state))
+    }
+
+    fn serve(listener: TcpListener, state: Arc<NodeState>) -> AdminServer {
+        let listener = Arc::new(listener);
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(serve(listener, state, cancel.clone()));
-        Ok(AdminServer { cancel, task })
+        let task = tokio::spawn(serve(Arc::clone(&listener), state, cancel.clone()));
+        AdminServer { listener, cancel, task }
+    }
+
+    /// The listening socket (for a successor).
+    pub(crate) fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&*self.listener)
     }
 
     /// Stop accepting and close the socket.
@@ -50,10 +67,11 @@ impl AdminServer {
     }
 }
 
-async fn serve(listener: TcpListener, state: Arc<NodeState>, cancel: CancellationToken) {
+async fn serve(listener: Arc<TcpListener>, state: Arc<NodeState>, cancel: CancellationToken) {
     let l = &listener;
     let exchange = move |(stream, peer)| handle(stream, peer, Arc::clone(&state));
-    http::accept_each(move || l.accept(), cancel, ADMIN_TIMEOUT, exchange).await;
+    let exchanges = tokio_util::task::TaskTracker::new();
+    http::accept_each(move || l.accept(), cancel, ADMIN_TIMEOUT, exchanges, exchange).await;
 }
 
 async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<NodeState>) -> io::Result<()> {

@@ -45,6 +45,10 @@ pub enum Command {
     /// Close running sessions by id or by filter (over the control socket);
     /// prints what it closed.
     Close(CloseArgs),
+    /// Upgrade the running node in place: the binary now installed where it
+    /// was started from takes over every listener and session; exit 0 once
+    /// it serves, 1 (the old process keeps serving) otherwise.
+    Upgrade(ReloadArgs),
 }
 
 #[derive(Debug, Args)]

@@ -22,6 +22,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Every response body: complete before the head is written.
 pub(crate) type Body = Full<Bytes>;
@@ -35,13 +36,15 @@ pub(crate) const MAX_HEAD: usize = 16 * 1024;
 /// nothing for long.
 pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Accept connections until `stop`; each gets a task of its own running
+/// Accept connections until `stop`; each gets a task of its own (on
+/// `exchanges`, so the caller can wait for those in flight) running
 /// `handle`, bounded by `limit`. A failed accept (out of descriptors, say)
 /// pauses briefly and the loop goes on: the surface never dies.
 pub(crate) async fn accept_each<C, A, AF, H, HF>(
     mut accept: A,
     stop: CancellationToken,
     limit: Duration,
+    exchanges: TaskTracker,
     handle: H,
 ) where
     A: FnMut() -> AF,
@@ -57,7 +60,7 @@ pub(crate) async fn accept_each<C, A, AF, H, HF>(
         match accepted {
             Ok(conn) => {
                 let exchange = handle(conn);
-                tokio::spawn(async move {
+                exchanges.spawn(async move {
                     let _ = tokio::time::timeout(limit, exchange).await;
                 });
             }

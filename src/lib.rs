@@ -33,6 +33,7 @@
 //! | [`control`] | the control socket's routes (`/sessions`, `POST /reload`), its file, and the command-line client |
 //! | [`logging`] | text/JSON logs through a bounded queue to a writer thread; `RUST_LOG` |
 //! | `systemd` | sd_notify and the watchdog |
+//! | [`upgrade`] | upgrade in place: the handover `wire` format, its `channel`, where frozen sessions are `handed` |
 //! | [`ssh_config`] | rendering `ssh_config(5)` blocks |
 //!
 //! `main.rs` only parses arguments, calls into this crate and maps the result
@@ -57,5 +58,6 @@ mod session;
 mod sockopt;
 pub mod ssh_config;
 mod systemd;
+pub mod upgrade;
 
 pub use node::{run, Signal, StartError};

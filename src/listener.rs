@@ -62,10 +62,30 @@ impl BindError {
 }
 
 struct Running {
-    /// Kept to re-apply socket options when `[keepalive]` changes.
+    /// Kept to re-apply socket options when `[keepalive]` changes, and to
+    /// hand the socket to a successor (upgrade in place).
     listener: Arc<TcpListener>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
+}
+
+impl Running {
+    fn start(
+        port: u16,
+        listener: Arc<TcpListener>,
+        state: &Arc<NodeState>,
+        starvation: &Arc<Starvation>,
+    ) -> Running {
+        let cancel = CancellationToken::new();
+        let accept = AcceptLoop {
+            listener: Arc::clone(&listener),
+            port,
+            state: Arc::clone(state),
+            starvation: Arc::clone(starvation),
+        };
+        let task = tokio::spawn(accept.run(cancel.clone()));
+        Running { listener, cancel, task }
+    }
 }
 
 /// Sockets bound by [`ListenerSet::bind_new`], not yet accepting.
@@ -118,16 +138,8 @@ impl ListenerSet {
         }
         self.keepalive = Some(ka.clone());
         for (port, listener) in bound.0 {
-            let cancel = CancellationToken::new();
-            let listener = Arc::new(listener);
-            let accept = AcceptLoop {
-                listener: Arc::clone(&listener),
-                port,
-                state: Arc::clone(state),
-                starvation: Arc::clone(&self.starvation),
-            };
-            let task = tokio::spawn(accept.run(cancel.clone()));
-            self.running.insert(port, Running { listener, cancel, task });
+            let r = Running::start(port, Arc::new(listener), state, &self.starvation);
+            self.running.insert(port, r);
         }
         let keep: std::collections::HashSet<u16> = ports.iter().copied().collect();
         let gone: Vec<u16> = self.running.keys().copied().filter(|p| !keep.contains(p)).collect();
@@ -154,6 +166,61 @@ impl ListenerSet {
 
     pub(crate) fn len(&self) -> usize {
         self.running.len()
+    }
+
+    /// Stop accepting everywhere but keep every socket open (connections
+    /// wait in the kernel's queue): an upgrade in place freezes the node's
+    /// sessions after this, and its successor accepts from the same sockets.
+    pub(crate) async fn pause(&mut self) {
+        for r in self.running.values() {
+            r.cancel.cancel();
+        }
+        for r in self.running.values_mut() {
+            // A finished stand-in, so a later close or resume awaits nothing twice.
+            let task = std::mem::replace(&mut r.task, tokio::spawn(async {}));
+            let _ = task.await;
+        }
+    }
+
+    /// Accept again after [`ListenerSet::pause`] (the upgrade failed).
+    pub(crate) fn resume(&mut self, state: &Arc<NodeState>) {
+        let running = std::mem::take(&mut self.running);
+        for (port, r) in running {
+            self.running.insert(port, Running::start(port, r.listener, state, &self.starvation));
+        }
+    }
+
+    /// Every listening socket, by port, to hand to a successor.
+    pub(crate) fn sockets(&self) -> Vec<(u16, std::os::fd::BorrowedFd<'_>)> {
+        use std::os::fd::AsFd;
+        self.running.iter().map(|(p, r)| (*p, r.listener.as_fd())).collect()
+    }
+
+    /// Like [`ListenerSet::bind_new`], but a port found in `inherited` (a
+    /// predecessor's socket on the same address) is taken instead of bound.
+    pub(crate) fn bind_inherited(
+        &self,
+        addr: IpAddr,
+        ports: &[u16],
+        ka: &Keepalive,
+        inherited: &mut BTreeMap<u16, std::net::TcpListener>,
+    ) -> Result<Bound, BindError> {
+        let mut taken = Vec::new();
+        let mut rest = Vec::new();
+        for &port in ports {
+            let same_addr = |l: &std::net::TcpListener| l.local_addr().is_ok_and(|a| a.ip() == addr);
+            match inherited.remove(&port) {
+                Some(l) if same_addr(&l) => {
+                    let l = TcpListener::from_std(l).map_err(|e| BindError::new(addr, port, e))?;
+                    sockopt::apply_listener_opts(&l, ka);
+                    taken.push((port, l));
+                }
+                _ => rest.push(port),
+            }
+        }
+        let mut bound = self.bind_new(addr, &rest, ka)?;
+        bound.0.extend(taken);
+        Ok(bound)
     }
 }
 

@@ -45,6 +45,21 @@ fn main() -> ExitCode {
             Some(socket) => sessions(&socket, &filter(a.filter), a.json),
             None => ExitCode::from(1),
         },
+        Command::Upgrade(a) => match control_socket(&a.control) {
+            Some(socket) => match client::upgrade(&socket) {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(lines) => {
+                    for l in &lines {
+                        eprintln!("{l}");
+                    }
+                    ExitCode::from(1)
+                }
+            },
+            None => ExitCode::from(1),
+        },
         Command::Close(a) => match control_socket(&a.control) {
             Some(socket) => close(&socket, a.id.as_deref(), &filter(a.filter)),
             None => ExitCode::from(1),
@@ -204,12 +219,19 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let handover = match handover_channel() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("portgate: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let result = rt.block_on(async move {
         let (tx, rx) = mpsc::channel(16);
         if let Err(e) = spawn_signal_listener(tx) {
             return Err(format!("cannot install signal handlers: {e}"));
         }
-        portgate::run(cfg, log, rx).await.map_err(|e| e.to_string())
+        portgate::run(cfg, log, rx, handover).await.map_err(|e| e.to_string())
     });
     // Sessions' sockets are closed by now; don't wait for stray tasks.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
@@ -227,17 +249,33 @@ fn run(path: &Path) -> ExitCode {
     }
 }
 
+/// Started by a running node to take over from it (upgrade in place): the
+/// handover channel is standard input.
+fn handover_channel() -> Result<Option<std::os::fd::OwnedFd>, String> {
+    use std::os::fd::AsFd;
+    if std::env::var_os(portgate::upgrade::HANDOVER_ENV).is_none() {
+        return Ok(None);
+    }
+    let fd = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| format!("cannot take the handover channel (standard input): {e}"))?;
+    Ok(Some(fd))
+}
+
 fn spawn_signal_listener(tx: mpsc::Sender<Signal>) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
     tokio::spawn(async move {
         loop {
             let sig = tokio::select! {
                 _ = hup.recv() => Signal::Reload,
                 _ = term.recv() => Signal::Terminate,
                 _ = int.recv() => Signal::Terminate,
+                _ = usr2.recv() => Signal::Upgrade,
             };
             if tx.send(sig).await.is_err() {
                 return;

@@ -56,6 +56,7 @@ pub const BUILD_INFO: &str = "portgate_build_info";
 pub const OPEN_FDS: &str = "portgate_process_open_fds";
 pub const MAX_FDS: &str = "portgate_process_max_fds";
 pub const LOG_LINES_DROPPED: &str = "portgate_log_lines_dropped_total";
+pub const UPGRADES: &str = "portgate_upgrades_total";
 
 /// Dialing a target on a private network: sub-millisecond when healthy,
 /// up to the connect timeout when not.
@@ -72,6 +73,10 @@ pub struct Metrics {
     pub health_checks: Counter,
     pub reloads_success: Counter,
     pub reloads_failure: Counter,
+    /// `portgate_upgrades_total`: successes are counted by the new process,
+    /// failures by the old one.
+    pub upgrades_success: Counter,
+    pub upgrades_failure: Counter,
     pub last_reload_success: Gauge,
     pub routes: Gauge,
     build_info: Gauge,
@@ -158,6 +163,8 @@ impl Metrics {
             health_checks: counter(HEALTH_CHECKS, vec![]),
             reloads_success: counter(CONFIG_RELOADS, vec![Label::new("result", "success")]),
             reloads_failure: counter(CONFIG_RELOADS, vec![Label::new("result", "failure")]),
+            upgrades_success: counter(UPGRADES, vec![Label::new("result", "success")]),
+            upgrades_failure: counter(UPGRADES, vec![Label::new("result", "failure")]),
             last_reload_success: gauge(CONFIG_LAST_RELOAD_SUCCESS, vec![]),
             routes: gauge(ROUTES, vec![]),
             rejected_proxy_header: reject(Reject::ProxyHeader.as_str()),
@@ -292,6 +299,7 @@ fn describe(rec: &PrometheusRecorder) {
         "Load-balancer health checks: PROXY LOCAL headers and connections closed without a byte.",
     );
     d(CONFIG_RELOADS, None, "Config reloads by result.");
+    d(UPGRADES, None, "Upgrades in place by result (success counted by the new process).");
     d(CONFIG_LAST_RELOAD_SUCCESS, None, "1 if the last config load or reload succeeded, else 0.");
     d(ROUTES, None, "Routes in the effective config.");
     d(BUILD_INFO, None, "Always 1; the version label says which build runs.");

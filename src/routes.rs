@@ -132,6 +132,11 @@ impl RouteStates {
         RouteStates { inner: Mutex::default(), metrics: Some(metrics) }
     }
 
+    /// The runtime state of `route`'s name (created, with its series, if new).
+    pub(crate) fn state_of(&self, route: &Route) -> Arc<RouteState> {
+        self.get(route)
+    }
+
     fn get(&self, route: &Route) -> Arc<RouteState> {
         let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = map.get(&route.name) {

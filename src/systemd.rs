@@ -36,6 +36,11 @@ pub(crate) fn notify_reloading() {
     }
 }
 
+/// `MAINPID=`: an upgrade in place hands the unit to its successor.
+pub(crate) fn notify_mainpid(pid: u32) {
+    send(&[NotifyState::MainPid(pid)]);
+}
+
 pub(crate) fn notify_stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("shutting down")]);
 }

@@ -147,6 +147,33 @@ async fn send(socket: &Path, method: Method, path: &str) -> Result<(u16, Bytes),
     Ok((status, body))
 }
 
+/// `POST /upgrade` on `socket`: `Ok` is the line to print once the new
+/// process serves, `Err` every line to print on stderr.
+pub fn upgrade(socket: &Path) -> Result<String, Vec<String>> {
+    let (status, body) = exchange(socket, Method::POST, "/upgrade").map_err(|e| vec![e])?;
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    match (status, json["result"].as_str()) {
+        (200, Some("success")) => Ok(format!(
+            "upgraded: pid {} serves, {} sessions taken over",
+            json["pid"].as_u64().unwrap_or(0),
+            json["sessions"].as_u64().unwrap_or(0)
+        )),
+        (_, Some("failure")) => {
+            let mut lines: Vec<String> = json["errors"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(|s| format!("portgate: {s}"))).collect())
+                .unwrap_or_default();
+            lines.push("portgate: upgrade failed; the running process keeps serving everything".into());
+            Err(lines)
+        }
+        _ => Err(vec![format!(
+            "portgate: control socket {}: unexpected answer {status}: {}",
+            socket.display(),
+            String::from_utf8_lossy(&body).trim()
+        )]),
+    }
+}
+
 /// The filters of `portgate sessions` and `portgate close`.
 #[derive(Debug, Default, Clone)]
 pub struct SessionFilter {

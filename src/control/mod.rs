@@ -9,6 +9,7 @@
 //! | `DELETE /sessions/ID` | 200, the session, which then closes (`close=operator`); 404 if none |
 //! | `DELETE /sessions?…` | 200, the sessions closed (at least one filter, else 400) |
 //! | `POST /reload` | the same as SIGHUP, answered when done: 200 with what changed, or 422 with every problem |
+//! | `POST /upgrade` | the same as SIGUSR2, answered when done: 200 once the new process serves, 500 with why not |
 //!
 //! Served by [`crate::http`]; this file holds the routes, [`sessions`] the
 //! session verbs. A verb that needs
@@ -23,7 +24,7 @@ pub mod client;
 mod sessions;
 pub(crate) mod socket;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +34,7 @@ use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::http::{self, Body};
 use crate::node::state::NodeState;
@@ -49,6 +51,8 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) enum NodeRequest {
     /// `POST /reload`: reload like SIGHUP, and say how it went.
     Reload(oneshot::Sender<ReloadOutcome>),
+    /// `POST /upgrade`: upgrade in place like SIGUSR2, and say how it went.
+    Upgrade(oneshot::Sender<crate::node::UpgradeOutcome>),
 }
 
 /// How a reload ended, for SIGHUP's log and `POST /reload`'s answer alike.
@@ -99,10 +103,19 @@ impl ReloadOutcome {
 
 /// The running control server.
 pub(crate) struct ControlServer {
+    /// Kept to hand the socket to a successor (upgrade in place).
+    listener: Arc<UnixListener>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
+    /// Exchanges in flight (a closing node answers them first).
+    exchanges: TaskTracker,
     file: SocketFile,
+    path: PathBuf,
 }
+
+/// How long a closing control server waits for exchanges in flight (the
+/// answer to `POST /upgrade`, say).
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// What every request handler can reach.
 struct Ctx {
@@ -125,27 +138,79 @@ impl ControlServer {
             file.remove();
             SocketError::Io { path: path.to_path_buf(), source }
         })?;
-        let cancel = CancellationToken::new();
-        let ctx = Arc::new(Ctx { state, node });
-        let task = tokio::spawn(serve(listener, ctx, cancel.clone()));
-        Ok(ControlServer { cancel, task, file })
+        Ok(Self::serve(listener, file, path, state, node))
     }
 
-    /// Stop accepting and remove the socket file.
+    /// Serve the socket a predecessor served at `path` (upgrade in place):
+    /// no duplicate check (the predecessor answers on it until it exits),
+    /// and from now on this node removes the file at exit.
+    pub(crate) fn inherit(
+        listener: std::os::unix::net::UnixListener,
+        path: &Path,
+        state: Arc<NodeState>,
+        node: mpsc::Sender<NodeRequest>,
+    ) -> Result<ControlServer, SocketError> {
+        let io_err = |source| SocketError::Io { path: path.to_path_buf(), source };
+        let file = SocketFile::adopt(path).map_err(io_err)?;
+        listener.set_nonblocking(true).map_err(io_err)?;
+        let listener = UnixListener::from_std(listener).map_err(io_err)?;
+        Ok(Self::serve(listener, file, path, state, node))
+    }
+
+    fn serve(
+        listener: UnixListener,
+        file: SocketFile,
+        path: &Path,
+        state: Arc<NodeState>,
+        node: mpsc::Sender<NodeRequest>,
+    ) -> ControlServer {
+        let listener = Arc::new(listener);
+        let cancel = CancellationToken::new();
+        let exchanges = TaskTracker::new();
+        let ctx = Arc::new(Ctx { state, node });
+        let task = tokio::spawn(serve(Arc::clone(&listener), ctx, cancel.clone(), exchanges.clone()));
+        ControlServer { listener, cancel, task, exchanges, file, path: path.to_path_buf() }
+    }
+
+    /// The listening socket and its path (for a successor).
+    pub(crate) fn socket(&self) -> (std::os::fd::BorrowedFd<'_>, &Path) {
+        (std::os::fd::AsFd::as_fd(&*self.listener), &self.path)
+    }
+
+    /// Stop accepting, answer the exchanges in flight, and remove the
+    /// socket file.
     pub(crate) async fn close(self) {
+        let file = self.stop().await;
+        file.remove();
+    }
+
+    /// Stop accepting and answer the exchanges in flight, but leave the
+    /// file: a successor serves it now.
+    pub(crate) async fn hand_off(self) {
+        self.stop().await;
+    }
+
+    async fn stop(self) -> SocketFile {
         self.cancel.cancel();
         let _ = self.task.await;
-        self.file.remove();
+        self.exchanges.close();
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.exchanges.wait()).await;
+        self.file
     }
 }
 
-async fn serve(listener: UnixListener, ctx: Arc<Ctx>, cancel: CancellationToken) {
+async fn serve(
+    listener: Arc<UnixListener>,
+    ctx: Arc<Ctx>,
+    cancel: CancellationToken,
+    exchanges: TaskTracker,
+) {
     let l = &listener;
     let exchange = move |(stream, _)| {
         let ctx = Arc::clone(&ctx);
         http::serve_one(stream, move |req| route(req, Arc::clone(&ctx)))
     };
-    http::accept_each(move || l.accept(), cancel, EXCHANGE_TIMEOUT, exchange).await;
+    http::accept_each(move || l.accept(), cancel, EXCHANGE_TIMEOUT, exchanges, exchange).await;
 }
 
 /// The control routes.
@@ -161,6 +226,8 @@ async fn route(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
     match (path.as_str(), path.strip_prefix("/sessions/")) {
         ("/reload", _) if method == Method::POST => reload(&ctx).await,
         ("/reload", _) => not_allowed("POST", "use POST /reload\n"),
+        ("/upgrade", _) if method == Method::POST => upgrade(&ctx).await,
+        ("/upgrade", _) => not_allowed("POST", "use POST /upgrade\n"),
         ("/sessions", _) if method == Method::GET => answer(sessions::list(registry, query.as_deref())),
         ("/sessions", _) if method == Method::DELETE => {
             answer(sessions::close_matching(registry, query.as_deref()))
@@ -196,6 +263,24 @@ async fn reload(ctx: &Ctx) -> Response<Body> {
             let (code, body) = outcome.to_json();
             http::json(code, &body)
         }
+        Err(_) => shutting_down(),
+    }
+}
+
+async fn upgrade(ctx: &Ctx) -> Response<Body> {
+    let (tx, rx) = oneshot::channel();
+    if ctx.node.send(NodeRequest::Upgrade(tx)).await.is_err() {
+        return shutting_down();
+    }
+    match rx.await {
+        Ok(Ok((pid, sessions))) => http::json(
+            StatusCode::OK,
+            &serde_json::json!({ "result": "success", "pid": pid, "sessions": sessions }),
+        ),
+        Ok(Err(why)) => http::json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({ "result": "failure", "errors": [why] }),
+        ),
         Err(_) => shutting_down(),
     }
 }

@@ -90,6 +90,13 @@ pub(crate) struct SocketFile {
 }
 
 impl SocketFile {
+    /// The file a predecessor created at `path` (upgrade in place): this
+    /// node removes it at exit from now on.
+    pub(crate) fn adopt(path: &Path) -> io::Result<SocketFile> {
+        let m = std::fs::symlink_metadata(path)?;
+        Ok(SocketFile { path: path.to_path_buf(), id: (m.dev(), m.ino()) })
+    }
+
     /// Remove the file, unless it is no longer the one this node created
     /// (someone replaced it meanwhile).
     pub(crate) fn remove(&self) {

@@ -17,9 +17,10 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::freeze::FrozenHalf;
 #[cfg(target_os = "linux")]
 use super::pipe;
-use super::pool::{give_buf, take_buf, Buf};
+use super::pool::{give_buf, take_buf, Buf, BUF_SIZE};
 
 /// Read/write rounds per poll before yielding, so a bulk session cannot
 /// starve the other sessions on its worker.
@@ -31,7 +32,7 @@ const SPLICE_MIN: usize = 16 * 1024;
 
 /// Where a direction stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Stage {
+pub(crate) enum Stage {
     /// Reading from the source and writing to the destination.
     Open,
     /// The source sent EOF; what is still held is flushed, then FIN is sent.
@@ -107,6 +108,66 @@ impl Half {
             half.end = n as u32;
         }
         half
+    }
+
+    /// Stop this direction where it stands and take out what it holds:
+    /// unsent buffered bytes, and the pipe with its unsent bytes. Afterwards
+    /// it holds nothing (see `freeze.rs`).
+    pub(super) fn freeze(&mut self) -> FrozenHalf {
+        let pending = match self.buf.take() {
+            Some(b) => {
+                let bytes = b[self.start as usize..self.end as usize].to_vec();
+                give_buf(b);
+                bytes
+            }
+            None => Vec::new(),
+        };
+        (self.start, self.end) = (0, 0);
+        #[cfg(target_os = "linux")]
+        let pipe = match self.pipe.take() {
+            Some(p) if self.in_pipe > 0 => Some((p.r, p.w, std::mem::take(&mut self.in_pipe))),
+            Some(p) => {
+                pipe::give(p);
+                None
+            }
+            None => None,
+        };
+        #[cfg(not(target_os = "linux"))]
+        let pipe = None;
+        FrozenHalf { stage: self.stage, pending, pipe, total: self.total }
+    }
+
+    /// A direction that carries on from `f` (handed over, or handed back).
+    pub(super) fn thaw(f: FrozenHalf) -> io::Result<Half> {
+        let mut half = Half::new(Path::Copy);
+        half.stage = f.stage;
+        half.total = f.total;
+        if f.pending.len() > BUF_SIZE {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "more pending bytes than a buffer holds"));
+        }
+        if !f.pending.is_empty() {
+            let mut buf = take_buf();
+            buf[..f.pending.len()].copy_from_slice(&f.pending);
+            half.buf = Some(buf);
+            half.end = f.pending.len() as u32;
+        }
+        if let Some((r, w, n)) = f.pipe {
+            #[cfg(target_os = "linux")]
+            {
+                half.pipe = Some(pipe::Pipe { r, w });
+                half.in_pipe = n;
+                half.path = Path::Splice;
+            }
+            #[cfg(not(target_os = "linux"))]
+            {
+                let _ = (r, w, n);
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "a splice pipe on a system without splice",
+                ));
+            }
+        }
+        Ok(half)
     }
 
     pub(super) fn done(&self) -> bool {

@@ -17,10 +17,14 @@
 //! through [`ByteSink`] in batches (one call per write, never per byte) and
 //! returns how it [`End`]ed; [`Forward::bytes`] says what moved.
 
+mod freeze;
 mod half;
 #[cfg(target_os = "linux")]
 mod pipe;
 mod pool;
+
+pub(crate) use freeze::{Frozen, FrozenHalf};
+pub(crate) use half::Stage;
 
 use std::future::Future;
 use std::io;
@@ -33,13 +37,23 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use self::half::{Half, HalfErr, Path, Stage};
+use self::half::{Half, HalfErr, Path};
 use crate::sockopt::set_reset_on_close;
 
-/// Receives byte counts as they are forwarded.
+/// Receives byte counts as they are forwarded. The forwarder owns its
+/// sink, so a session can keep everything it holds in it.
 pub(crate) trait ByteSink {
     fn to_target(&self, n: u64);
     fn to_client(&self, n: u64);
+}
+
+impl<T: ByteSink> ByteSink for &T {
+    fn to_target(&self, n: u64) {
+        (**self).to_target(n)
+    }
+    fn to_client(&self, n: u64) {
+        (**self).to_client(n)
+    }
 }
 
 /// Which socket of a session.
@@ -90,7 +104,7 @@ pin_project_lite::pin_project! {
 /// Forwarding state for one session. Poll it (it is a `Future`); whether it
 /// ended or was stopped early (revocation, shutdown), [`Forward::bytes`]
 /// tells what moved.
-pub(crate) struct Forward<'a, S: ByteSink> {
+pub(crate) struct Forward<S: ByteSink> {
     client: TcpStream,
     target: TcpStream,
     c2t: Half,
@@ -98,10 +112,10 @@ pub(crate) struct Forward<'a, S: ByteSink> {
     first_fin: Option<Side>,
     /// Boxed: only sessions with `timeouts.idle` pay for the timer.
     idle: Option<Pin<Box<IdleTimer>>>,
-    sink: &'a S,
+    sink: S,
 }
 
-impl<'a, S: ByteSink> Forward<'a, S> {
+impl<S: ByteSink> Forward<S> {
     /// `early` holds client bytes read before the target was dialed (bytes
     /// after a PROXY header); they are sent first.
     pub(crate) fn new(
@@ -109,15 +123,16 @@ impl<'a, S: ByteSink> Forward<'a, S> {
         target: TcpStream,
         early: Vec<u8>,
         idle: Option<Duration>,
-        sink: &'a S,
+        sink: S,
     ) -> Self {
-        let idle = idle.map(|limit| {
-            let last = Instant::now();
-            Box::pin(IdleTimer { limit, last, sleep: tokio::time::sleep_until(last + limit) })
-        });
         let c2t = Half::with_early(&early);
         let t2c = Half::new(Path::Copy);
-        Forward { client, target, c2t, t2c, first_fin: None, idle, sink }
+        Forward { client, target, c2t, t2c, first_fin: None, idle: idle_timer(idle, Duration::ZERO), sink }
+    }
+
+    /// The sink (what the session keeps with its forwarding state).
+    pub(crate) fn sink(&self) -> &S {
+        &self.sink
     }
 
     /// Copy through user-space buffers only (no splice): the portable path,
@@ -166,12 +181,21 @@ impl<'a, S: ByteSink> Forward<'a, S> {
     }
 }
 
-impl<S: ByteSink> Future for Forward<'_, S> {
+/// `timeouts.idle` as a timer, for a session already idle for `idle_for`.
+fn idle_timer(limit: Option<Duration>, idle_for: Duration) -> Option<Pin<Box<IdleTimer>>> {
+    limit.map(|limit| {
+        let now = Instant::now();
+        let last = now.checked_sub(idle_for).unwrap_or(now);
+        Box::pin(IdleTimer { limit, last, sleep: tokio::time::sleep_until(last + limit) })
+    })
+}
+
+impl<S: ByteSink + Unpin> Future for Forward<S> {
     type Output = End;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
         let this = self.get_mut();
-        let sink = this.sink;
+        let sink = &this.sink;
         let mut progress = false;
 
         if !this.c2t.done() {
@@ -218,7 +242,7 @@ impl<S: ByteSink> Future for Forward<'_, S> {
     }
 }
 
-impl<S: ByteSink> Drop for Forward<'_, S> {
+impl<S: ByteSink> Drop for Forward<S> {
     fn drop(&mut self) {
         self.c2t.release_all();
         self.t2c.release_all();
@@ -243,7 +267,7 @@ mod tests {
     }
 
     /// Forward to the end, then read the byte totals.
-    async fn finish<S: ByteSink>(mut f: Forward<'_, S>) -> Outcome {
+    async fn finish<S: ByteSink + Unpin>(mut f: Forward<S>) -> Outcome {
         let end = (&mut f).await;
         let (bytes_to_target, bytes_to_client) = f.bytes();
         Outcome { end, bytes_to_target, bytes_to_client }

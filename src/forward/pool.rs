@@ -13,7 +13,7 @@ const POOL_MAX: usize = 16;
 
 /// Size of one forwarding buffer. Large enough that bulk copies run at a few
 /// syscalls per 64 KiB; pooled, so idle sessions do not pay for it.
-const BUF_SIZE: usize = 64 * 1024;
+pub(super) const BUF_SIZE: usize = 64 * 1024;
 
 /// One forwarding buffer; a thin pointer (the length is in the type).
 pub(super) type Buf = Box<[u8; BUF_SIZE]>;

@@ -11,15 +11,21 @@
 //! nothing left listening.
 //!
 //! The node's steps live in files of their own and are methods of [`Node`]:
-//! `reload.rs` (SIGHUP) and `shutdown.rs` (SIGTERM). Neither calls the other,
-//! and neither is called from below: listeners and sessions learn of a new
-//! config or of the end of the drain through [`state::NodeState`] only.
+//! `reload.rs` (SIGHUP), `shutdown.rs` (SIGTERM), `upgrade.rs` (SIGUSR2:
+//! hand everything to a new process) and `takeover.rs` (starting as that
+//! new process). None calls another, and none is called from below:
+//! listeners and sessions learn of a new config, the end of the drain or a
+//! handover through [`state::NodeState`] and its registry only.
 
 pub(crate) mod registry;
 mod reload;
 mod shutdown;
 pub(crate) mod state;
+mod takeover;
+mod upgrade;
 
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -42,6 +48,9 @@ pub enum Signal {
     Reload,
     /// SIGTERM / SIGINT: drain and exit; a second one ends at once.
     Terminate,
+    /// SIGUSR2: upgrade in place (hand everything to the binary installed
+    /// where this one was started from).
+    Upgrade,
 }
 
 /// A failure that stops the node from starting.
@@ -54,6 +63,9 @@ pub enum StartError {
     /// The control socket could not be claimed (the message says why).
     #[error("{0}")]
     Control(String),
+    /// Taking over from a running node failed; it keeps serving.
+    #[error("upgrade: {0}")]
+    Upgrade(String),
 }
 
 /// Queued control requests; each holds its client until answered.
@@ -73,6 +85,8 @@ struct Node {
     config_path: PathBuf,
     /// Lets a reload change the log level and queue bound.
     log: LogControl,
+    /// The binary an upgrade in place starts.
+    exe: PathBuf,
 }
 
 impl Node {
@@ -127,8 +141,55 @@ impl Node {
             hash = %snap.hash,
             "portgate ready"
         );
-        Ok(Node { state, listeners, admin, control, config_path, log })
+        let exe = upgrade::installed_binary();
+        Ok(Node { state, listeners, admin, control, config_path, log, exe })
     }
+
+    /// One upgrade in place, answered to `reply` when asked over the
+    /// control socket. Signals that arrive meanwhile wait in `signals`;
+    /// once it failed, a SIGUSR2 among them is dropped with a warning and
+    /// the rest are queued in `pending`. `Some` when handed over.
+    async fn upgrade_step(
+        &mut self,
+        signals: &mut mpsc::Receiver<Signal>,
+        pending: &mut VecDeque<Signal>,
+        reply: Option<tokio::sync::oneshot::Sender<UpgradeOutcome>>,
+    ) -> Option<upgrade::Handoff> {
+        let outcome = self.upgrade().await;
+        let answer = match &outcome {
+            Ok(h) => Ok((h.pid, h.sessions)),
+            Err(why) => {
+                self.state.metrics.upgrades_failure.increment(1);
+                tracing::error!(error = %why, "upgrade failed");
+                Err(why.clone())
+            }
+        };
+        if let Some(r) = reply {
+            let _ = r.send(answer);
+        }
+        match outcome {
+            Ok(h) => Some(h),
+            Err(_) => {
+                while let Ok(sig) = signals.try_recv() {
+                    match sig {
+                        Signal::Upgrade => tracing::warn!("ignoring SIGUSR2 that came during the upgrade"),
+                        other => pending.push_back(other),
+                    }
+                }
+                None
+            }
+        }
+    }
+}
+
+/// How an upgrade in place ended, for `POST /upgrade`: the new process's
+/// pid and the sessions it took over, or why the old one keeps serving.
+pub(crate) type UpgradeOutcome = Result<(u32, usize), String>;
+
+/// What the event loop handles next.
+enum Event {
+    Signal(Option<Signal>),
+    Request(NodeRequest),
 }
 
 /// A failed start leaves no socket file behind.
@@ -140,14 +201,20 @@ async fn close_control(control: Option<ControlServer>, e: StartError) -> StartEr
 }
 
 /// Serve `config` until a [`Signal::Terminate`] (or the end of `signals`),
-/// then drain and return.
+/// then drain and return; or, after a [`Signal::Upgrade`] that handed
+/// everything to a new process, return at once. With `handover`, start as
+/// the successor of the node on the other end of that channel.
 pub async fn run(
     config: Config,
     log: LogControl,
     mut signals: mpsc::Receiver<Signal>,
+    handover: Option<OwnedFd>,
 ) -> Result<(), StartError> {
     let (request_tx, mut requests) = mpsc::channel(REQUEST_QUEUE);
-    let mut node = Node::start(config, log, request_tx).await?;
+    let mut node = match handover {
+        Some(fd) => Node::take_over(config, log, request_tx, fd).await?,
+        None => Node::start(config, log, request_tx).await?,
+    };
     let state = Arc::clone(&node.state);
     systemd::notify_ready(&state.status_line());
     let background = CancellationToken::new();
@@ -155,26 +222,53 @@ pub async fn run(
     systemd::spawn_watchdog(move || status.status_line(), background.clone());
     crate::metrics::spawn_upkeep(Arc::clone(&state.metrics), background.clone());
 
-    loop {
-        tokio::select! {
-            sig = signals.recv() => match sig {
-                Some(Signal::Reload) => {
-                    node.reload().await;
-                }
-                Some(Signal::Terminate) | None => break,
+    let mut pending = VecDeque::new();
+    let handed = loop {
+        let event = match pending.pop_front() {
+            Some(sig) => Event::Signal(Some(sig)),
+            None => tokio::select! {
+                sig = signals.recv() => Event::Signal(sig),
+                // Disabled once no sender is left (control socket off).
+                Some(req) = requests.recv() => Event::Request(req),
             },
-            // Disabled once no sender is left (control socket off).
-            Some(req) = requests.recv() => match req {
-                NodeRequest::Reload(reply) => {
-                    let outcome = node.reload().await;
-                    let _ = reply.send(outcome);
+        };
+        match event {
+            Event::Signal(Some(Signal::Reload)) => {
+                node.reload().await;
+            }
+            Event::Signal(Some(Signal::Upgrade)) => {
+                if let Some(h) = node.upgrade_step(&mut signals, &mut pending, None).await {
+                    break Some(h);
                 }
-            },
+            }
+            Event::Signal(Some(Signal::Terminate) | None) => break None,
+            Event::Request(NodeRequest::Reload(reply)) => {
+                let outcome = node.reload().await;
+                let _ = reply.send(outcome);
+            }
+            Event::Request(NodeRequest::Upgrade(reply)) => {
+                if let Some(h) = node.upgrade_step(&mut signals, &mut pending, Some(reply)).await {
+                    break Some(h);
+                }
+            }
         }
-    }
+    };
     // Control requests from now on are answered "shutting down" (their
     // replies are dropped); the socket itself serves through the drain.
     drop(requests);
+    if let Some(h) = handed {
+        // The successor holds its own copies of every socket: closing ours
+        // here ends nothing. The control socket file is the successor's now.
+        background.cancel();
+        if let Some(admin) = node.admin.take() {
+            admin.close().await;
+        }
+        if let Some(control) = node.control.take() {
+            control.hand_off().await;
+        }
+        tracing::info!(pid = h.pid, sessions = h.sessions, "handed over to the new process; exiting");
+        return Ok(());
+    }
     node.shutdown(&mut signals).await;
     background.cancel();
     if let Some(admin) = node.admin.take() {

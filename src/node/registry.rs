@@ -44,6 +44,11 @@ use crate::session::addr::ConnInfo;
 pub(crate) struct SessionId(u64);
 
 impl SessionId {
+    /// The number behind the id (what a handover carries).
+    pub(crate) fn number(self) -> u64 {
+        self.0
+    }
+
     /// Parse what [`fmt::Display`] wrote; `None` for anything else.
     pub(crate) fn parse(s: &str) -> Option<SessionId> {
         if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
@@ -77,13 +82,38 @@ pub(crate) struct Entry {
     close: CloseRequest,
 }
 
-/// How one session is asked to close: the reason, and the waker of the
+/// How one session is asked to stop: what for, and the waker of the
 /// session's task (registered by the session, woken by the asker).
 #[derive(Default)]
 struct CloseRequest {
-    /// 0: not asked; else `1 + CloseReason as u8` of the first request.
+    /// 0: not asked; [`HANDOVER`]; else `1 + CloseReason as u8` of the
+    /// first request.
     reason: AtomicU8,
     waker: Mutex<Option<Waker>>,
+}
+
+/// The request code of a handover (upgrade in place).
+const HANDOVER: u8 = u8::MAX;
+
+/// What a session is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ask {
+    /// Close both sides with FIN, for this reason.
+    Close(CloseReason),
+    /// Stop forwarding and hand the state to the node (upgrade in place).
+    Handover,
+}
+
+/// A running session's clock and counters, as handed to a successor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Carried {
+    pub(crate) started_unix_ms: u64,
+    /// Milliseconds since `session opened`.
+    pub(crate) age_ms: u64,
+    /// Milliseconds since a byte last moved.
+    pub(crate) idle_ms: u64,
+    pub(crate) to_target: u64,
+    pub(crate) to_client: u64,
 }
 
 /// What [`Entry::live`] reads: the counters a listing shows.
@@ -108,6 +138,37 @@ impl Entry {
             to_client: AtomicU64::new(0),
             last_ms: AtomicU64::new(0),
             close: CloseRequest::default(),
+        }
+    }
+
+    /// A session carried on from a predecessor process: the same id, start,
+    /// byte counts and idle time (see `crate::upgrade`).
+    pub(crate) fn carried_on(id: SessionId, route: Arc<Route>, info: ConnInfo, was: Carried) -> Entry {
+        let now = Instant::now();
+        let opened = now.checked_sub(Duration::from_millis(was.age_ms)).unwrap_or(now);
+        let last_ms = was.age_ms.saturating_sub(was.idle_ms);
+        Entry {
+            id,
+            route,
+            info,
+            opened,
+            opened_wall: UNIX_EPOCH + Duration::from_millis(was.started_unix_ms),
+            to_target: AtomicU64::new(was.to_target),
+            to_client: AtomicU64::new(was.to_client),
+            last_ms: AtomicU64::new(last_ms),
+            close: CloseRequest::default(),
+        }
+    }
+
+    /// What a successor needs to carry this session on.
+    pub(crate) fn carried(&self) -> Carried {
+        let live = self.live();
+        Carried {
+            started_unix_ms: self.started_unix_ms(),
+            age_ms: live.duration.as_millis() as u64,
+            idle_ms: live.idle.as_millis() as u64,
+            to_target: live.to_target,
+            to_client: live.to_client,
         }
     }
 
@@ -147,7 +208,22 @@ impl Entry {
     /// Ask the session to close for `reason`, and wake it. The first
     /// request wins; `false` if the session was already asked.
     pub(crate) fn request_close(&self, reason: CloseReason) -> bool {
-        let code = 1 + reason as u8;
+        self.request(1 + reason as u8)
+    }
+
+    /// Ask the session to stop and hand its state to the node; `false` if
+    /// it was already asked something.
+    pub(crate) fn request_handover(&self) -> bool {
+        self.request(HANDOVER)
+    }
+
+    /// Forget a handover request (the upgrade failed and the session
+    /// carries on here); a close request stays.
+    pub(crate) fn cancel_handover(&self) {
+        let _ = self.close.reason.compare_exchange(HANDOVER, 0, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    fn request(&self, code: u8) -> bool {
         if self.close.reason.compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst).is_err() {
             return false;
         }
@@ -160,10 +236,10 @@ impl Entry {
         true
     }
 
-    /// For the session's own task: the close request, if any. With
-    /// `register`, first leave the task's waker for [`Entry::request_close`]
-    /// (once per task poll loop is enough: a task's waker does not change).
-    pub(crate) fn poll_close(&self, cx: &mut Context<'_>, register: bool) -> Option<CloseReason> {
+    /// For the session's own task: the request, if any. With `register`,
+    /// first leave the task's waker for the asker (once per task poll loop
+    /// is enough: a task's waker does not change).
+    pub(crate) fn poll_ask(&self, cx: &mut Context<'_>, register: bool) -> Option<Ask> {
         if register {
             let mut slot = self.close.waker.lock().unwrap_or_else(|e| e.into_inner());
             match slot.as_mut() {
@@ -171,14 +247,15 @@ impl Entry {
                 _ => *slot = Some(cx.waker().clone()),
             }
         }
-        self.close_requested()
+        self.asked()
     }
 
-    /// The reason the session was asked to close, if it was.
-    pub(crate) fn close_requested(&self) -> Option<CloseReason> {
+    /// What the session was asked, if anything.
+    pub(crate) fn asked(&self) -> Option<Ask> {
         match self.close.reason.load(Ordering::SeqCst) {
             0 => None,
-            code => CloseReason::ALL.get(usize::from(code - 1)).copied(),
+            HANDOVER => Some(Ask::Handover),
+            code => CloseReason::ALL.get(usize::from(code - 1)).copied().map(Ask::Close),
         }
     }
 }
@@ -210,6 +287,11 @@ impl Registration {
     pub(crate) fn entry(&self) -> &Entry {
         &self.entry
     }
+
+    /// The entry, to keep past the registration.
+    pub(crate) fn shared(&self) -> Arc<Entry> {
+        Arc::clone(&self.entry)
+    }
 }
 
 impl Drop for Registration {
@@ -231,9 +313,29 @@ impl Registry {
 
     /// Register a running session until the returned value drops.
     pub(crate) fn register(self: &Arc<Self>, entry: Entry) -> Registration {
-        let entry = Arc::new(entry);
+        self.register_shared(Arc::new(entry))
+    }
+
+    /// Register an entry again (a handover that failed hands it back).
+    pub(crate) fn register_shared(self: &Arc<Self>, entry: Arc<Entry>) -> Registration {
         self.lock().insert(entry.id, Arc::clone(&entry));
         Registration { registry: Arc::clone(self), entry }
+    }
+
+    /// The number the next id will have (handed to a successor).
+    pub(crate) fn next_number(&self) -> u64 {
+        self.next.load(Ordering::Relaxed)
+    }
+
+    /// Go on numbering where a predecessor stopped (before any id of this
+    /// process is given), so no id of the node's life is given twice.
+    pub(crate) fn continue_from(&self, next: u64) {
+        self.next.store(next, Ordering::Relaxed);
+    }
+
+    /// An id handed over by a predecessor.
+    pub(crate) fn id_from(number: u64) -> SessionId {
+        SessionId(number)
     }
 
     /// The sessions that satisfy `pred`, oldest first (judged outside the
@@ -323,12 +425,12 @@ mod tests {
         let count = Arc::new(Count(Default::default()));
         let waker = Waker::from(Arc::clone(&count));
         let mut cx = Context::from_waker(&waker);
-        assert_eq!(r.entry().poll_close(&mut cx, true), None);
+        assert_eq!(r.entry().poll_ask(&mut cx, true), None);
         let closed = reg.close(|e| e.route.name == "a", CloseReason::Operator);
         assert_eq!(closed.len(), 1);
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
         assert!(!r.entry().request_close(CloseReason::Shutdown));
-        assert_eq!(r.entry().poll_close(&mut cx, false), Some(CloseReason::Operator));
+        assert_eq!(r.entry().poll_ask(&mut cx, false), Some(Ask::Close(CloseReason::Operator)));
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
     }
 

@@ -186,7 +186,10 @@ impl Node {
 /// After `grace`, close every running session that the config serving
 /// *then* does not admit (`close=revoked`): a later reload that admits a
 /// session again saves it, one that revokes it too does not delay it.
-async fn revoke_after_grace(state: Arc<crate::node::state::NodeState>, grace: std::time::Duration) {
+pub(super) async fn revoke_after_grace(
+    state: Arc<crate::node::state::NodeState>,
+    grace: std::time::Duration,
+) {
     tokio::time::sleep(grace).await;
     let snap = state.snapshot();
     let closed = state

@@ -78,6 +78,9 @@ async fn second_signal(signals: &mut mpsc::Receiver<Signal>) {
             Some(Signal::Reload) => {
                 tracing::warn!("ignoring reload: shutting down");
             }
+            Some(Signal::Upgrade) => {
+                tracing::warn!("ignoring SIGUSR2 (upgrade): shutting down");
+            }
             None => std::future::pending::<()>().await,
         }
     }

@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::node::registry::Registry;
 use crate::reason::CloseReason;
 use crate::routes::{RouteStates, RouteTable};
+use crate::upgrade::handed::Collector;
 
 /// One effective config with its route table; swapped whole on reload.
 pub(crate) struct Snapshot {
@@ -83,6 +84,8 @@ pub(crate) struct NodeState {
     pub(crate) registry: Arc<Registry>,
     /// `[access] max_per_source` counts, by client address.
     per_source: Arc<SourceLimiter>,
+    /// Where sessions leave their frozen state during an upgrade in place.
+    pub(crate) handover: Collector,
 }
 
 impl NodeState {
@@ -102,6 +105,7 @@ impl NodeState {
             sessions: TaskTracker::new(),
             registry: Arc::default(),
             per_source: Arc::default(),
+            handover: Collector::default(),
         })
     }
 

@@ -34,7 +34,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -43,11 +42,11 @@ use self::addr::{canonical, ConnInfo, PeerAddr};
 use self::admission::{Admission, Refusal};
 use self::header::Opening;
 use self::record::SessionEnd;
-use crate::forward::{ByteSink, End, Forward, Side};
-use crate::node::registry::{Entry, Registration};
+use crate::forward::{ByteSink, End, Forward, Frozen, Side};
+use crate::node::registry::{Ask, Entry, Registration};
 use crate::node::state::{NodeState, SessionGuard, Snapshot, SourceSlot, Subscription};
 use crate::reason::{CloseReason, Reject};
-use crate::routes::{RouteSlot, RouteState};
+use crate::routes::RouteSlot;
 use crate::sockopt;
 
 /// Serve one accepted connection to its end.
@@ -56,8 +55,8 @@ use crate::sockopt;
 /// short and holds timers, a header buffer and dial state; it runs as its
 /// own boxed future, freed as soon as the target answers. Forwarding can
 /// last hours, mostly idle: its state is all an idle session costs, so it is
-/// kept small (two sockets, two directions, one boxed record of who and
-/// what for the log line, and a waiter for reloads and shutdown).
+/// kept small (two sockets, two directions, and one boxed record of who the
+/// session is and what it holds, which is also the forwarder's byte sink).
 pub(crate) fn run(
     stream: TcpStream,
     peer: SocketAddr,
@@ -65,55 +64,162 @@ pub(crate) fn run(
     state: Arc<NodeState>,
 ) -> impl Future<Output = ()> {
     // Not an `async fn`: its arguments would sit in the session's state for
-    // its whole life. The async block holds only the boxed setup.
-    let setup = Box::pin(setup(stream, peer, port, state));
+    // its whole life. The async block holds only the boxed setup and `state`.
+    let setup = Box::pin(setup(stream, peer, port, Arc::clone(&state)));
     async move {
-        let Some(Admitted { client, target, early, idle, meta }) = setup.await else {
+        let Some(mut fwd) = setup.await else {
             return;
         };
-        let who = meta.registration.entry();
-        let sink = LiveSink { route: meta.route_slot.state(), entry: who };
-        let mut fwd = Forward::new(client, target, early, idle, &sink);
-        let (close, error) = forward_watching(&mut fwd, who).await;
-        let bytes = fwd.bytes();
-        drop(fwd);
-        let elapsed = who.opened.elapsed();
-        let metrics = &meta.route_slot.state().metrics;
-        metrics.session_duration.record(elapsed.as_secs_f64());
-        metrics.closed(close).increment(1);
-        let Meta { route_slot, source_slot, session, registration } = *meta;
-        drop((source_slot, route_slot, session));
-        let who = registration.entry();
-        let end = SessionEnd { id: who.id, route: &who.route, info: &who.info, bytes, elapsed };
-        end.log(close, error.as_ref().map(|e| e as &dyn std::fmt::Display), None);
+        let ending = watch(&mut fwd).await;
+        conclude(fwd, &state, ending);
     }
 }
 
-/// A session past setup: what forwarding needs.
-struct Admitted {
-    client: TcpStream,
-    target: TcpStream,
-    /// Client bytes read after the PROXY header.
-    early: Vec<u8>,
-    idle: Option<Duration>,
-    meta: Box<Meta>,
+/// A session carried on from where it was frozen: handed over by a
+/// predecessor process, or handed back after a failed upgrade.
+// Not an `async fn`, which would keep its argument twice in the state.
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn resume(mut fwd: SessionForward, state: Arc<NodeState>) -> impl Future<Output = ()> {
+    async move {
+        let ending = watch(&mut fwd).await;
+        conclude(fwd, &state, ending);
+    }
 }
+
+/// Carry a frozen session on in this process: handed over by a
+/// predecessor, or handed back after a failed upgrade. A session that
+/// cannot be thawed (out of descriptors) is closed and logged.
+pub(crate) fn carry_on(state: &Arc<NodeState>, entry: Arc<Entry>, frozen: Frozen) {
+    entry.cancel_handover();
+    let idle = state.snapshot().config.timeouts.idle;
+    let idle_for = entry.live().idle;
+    let meta = Meta::carried_on(state, Arc::clone(&entry));
+    match Forward::thaw(frozen, idle, idle_for, meta) {
+        Ok(fwd) => {
+            state.sessions.spawn(resume(fwd, Arc::clone(state)));
+        }
+        Err(e) => {
+            state.states.state_of(&entry.route).metrics.closed(CloseReason::Error).increment(1);
+            let end = SessionEnd {
+                id: entry.id,
+                route: &entry.route,
+                info: &entry.info,
+                bytes: (entry.live().to_target, entry.live().to_client),
+                elapsed: entry.opened.elapsed(),
+            };
+            end.log(CloseReason::Error, Some(&format!("cannot carry the session on: {e}")), None);
+        }
+    }
+}
+
+/// A running session's forwarder; its sink holds who the session is.
+pub(crate) type SessionForward = Forward<Box<Meta>>;
 
 /// What the session holds until its end (limits, the active count) and who
 /// it is; boxed, out of the forwarding state.
-struct Meta {
+pub(crate) struct Meta {
     route_slot: RouteSlot,
-    source_slot: Option<SourceSlot>,
-    session: SessionGuard,
+    /// Held for their drop: the per-source count and the active count.
+    _source_slot: Option<SourceSlot>,
+    _session: SessionGuard,
     /// Who the session is (id, route, connection, live counts), kept in the
     /// node's registry from the dial's success until the session's log line.
     registration: Registration,
 }
 
-/// Header, admission and dial, all judged by one snapshot. `None` when the
-/// connection was refused, was a probe, or the dial failed (each already
-/// counted and logged).
-async fn setup(stream: TcpStream, peer: SocketAddr, port: u16, state: Arc<NodeState>) -> Option<Admitted> {
+impl Meta {
+    /// What a session carried on in this process holds: its registry entry,
+    /// a slot on its route and its client (taken regardless of the limits:
+    /// the session was admitted already), and the active count.
+    pub(crate) fn carried_on(state: &Arc<NodeState>, entry: Arc<Entry>) -> Box<Meta> {
+        let route_state = state.states.state_of(&entry.route);
+        let route_slot = route_state.try_acquire(0).expect("a slot without a limit is always free");
+        let source_slot = if state.snapshot().config.access.max_per_source > 0 {
+            state.try_acquire_source(entry.info.client.0.ip(), u32::MAX)
+        } else {
+            None
+        };
+        let session = state.session_guard();
+        let registration = state.registry.register_shared(entry);
+        Box::new(Meta { route_slot, _source_slot: source_slot, _session: session, registration })
+    }
+
+    pub(crate) fn entry(&self) -> &Entry {
+        self.registration.entry()
+    }
+}
+
+/// Counts forwarded bytes into the route's series and the session's entry
+/// (the live counts `GET /sessions` shows).
+impl ByteSink for Box<Meta> {
+    fn to_target(&self, n: u64) {
+        self.route_slot.state().metrics.bytes_to_target.increment(n);
+        self.registration.entry().moved_to_target(n);
+    }
+    fn to_client(&self, n: u64) {
+        self.route_slot.state().metrics.bytes_to_client.increment(n);
+        self.registration.entry().moved_to_client(n);
+    }
+}
+
+/// How a session's forwarding stopped.
+enum Ending {
+    /// The session is over: why, and the I/O error if there was one.
+    Closed(CloseReason, Option<io::Error>),
+    /// The node asked for its state (upgrade in place).
+    Handover,
+}
+
+/// Count, release and log a session that stopped; or, for a handover,
+/// freeze it and give it to the node.
+fn conclude(mut fwd: SessionForward, state: &Arc<NodeState>, ending: Ending) {
+    let (close, error) = match ending {
+        Ending::Closed(close, error) => (close, error),
+        Ending::Handover => match fwd.freeze() {
+            Ok(frozen) => {
+                let entry = fwd.sink().registration.shared();
+                // Deregisters it and releases its slots; the peers see
+                // nothing (the frozen state holds duplicates of the sockets).
+                drop(fwd);
+                if let Err((entry, frozen)) = state.handover.deposit(entry, Ok(frozen)) {
+                    // Nobody collects any more (the upgrade ended meanwhile).
+                    carry_on(state, entry, frozen);
+                }
+                return;
+            }
+            Err(e) => {
+                // Out of descriptors: tell the upgrade (it gives up and
+                // hands everything back), and end this one session here.
+                let _ = state.handover.deposit(fwd.sink().registration.shared(), Err(e.kind()));
+                fwd.close_both();
+                (
+                    CloseReason::Error,
+                    Some(io::Error::new(e.kind(), format!("cannot hand the session over: {e}"))),
+                )
+            }
+        },
+    };
+    let bytes = fwd.bytes();
+    let entry = fwd.sink().registration.shared();
+    let elapsed = entry.opened.elapsed();
+    let metrics = &fwd.sink().route_slot.state().metrics;
+    metrics.session_duration.record(elapsed.as_secs_f64());
+    metrics.closed(close).increment(1);
+    // Slots, the active count and the registry entry go before the line.
+    drop(fwd);
+    let end = SessionEnd { id: entry.id, route: &entry.route, info: &entry.info, bytes, elapsed };
+    end.log(close, error.as_ref().map(|e| e as &dyn std::fmt::Display), None);
+}
+
+/// Header, admission and dial, all judged by one snapshot; the forwarder
+/// of the opened session. `None` when the connection was refused, was a
+/// probe, or the dial failed (each already counted and logged).
+async fn setup(
+    stream: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    state: Arc<NodeState>,
+) -> Option<SessionForward> {
     let (sub, snap) = state.admission_view();
     let pp = &snap.config.proxy_protocol;
     let peer = PeerAddr(canonical(peer));
@@ -174,8 +280,8 @@ async fn setup(stream: TcpStream, peer: SocketAddr, port: u16, state: Arc<NodeSt
     let registration = state.registry.register(Entry::new(id, route, info));
     record::opened(registration.entry());
     catch_up(&state, sub, registration.entry());
-    let meta = Box::new(Meta { route_slot, source_slot, session, registration });
-    Some(Admitted { client: stream, target, early, idle, meta })
+    let meta = Box::new(Meta { route_slot, _source_slot: source_slot, _session: session, registration });
+    Some(Forward::new(stream, target, early, idle, meta))
 }
 
 /// A session that registers while the node moves on: if the drain ended,
@@ -226,63 +332,37 @@ fn close_cleanly(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
 }
 
-/// Counts forwarded bytes into the route's series and the session's entry
-/// (the live counts `GET /sessions` shows).
-struct LiveSink<'a> {
-    route: &'a RouteState,
-    entry: &'a Entry,
-}
-
-impl ByteSink for LiveSink<'_> {
-    fn to_target(&self, n: u64) {
-        self.route.metrics.bytes_to_target.increment(n);
-        self.entry.moved_to_target(n);
-    }
-    fn to_client(&self, n: u64) {
-        self.route.metrics.bytes_to_client.increment(n);
-        self.entry.moved_to_client(n);
-    }
-}
-
-/// Forward until the session ends by itself or is asked to close through
-/// the registry (an operator, a revocation, the end of the drain). The
-/// close request is the only thing an idle session waits on beside its
-/// sockets.
-async fn forward_watching(
-    fwd: &mut Forward<'_, LiveSink<'_>>,
-    entry: &Entry,
-) -> (CloseReason, Option<io::Error>) {
+/// Forward until the session ends by itself or is asked, through its
+/// registry entry, to close (an operator, a revocation, the end of the
+/// drain) or to hand its state over (upgrade in place). The request is the
+/// only thing an idle session waits on beside its sockets.
+async fn watch(fwd: &mut SessionForward) -> Ending {
     let mut registered = false;
     let woke = std::future::poll_fn(|cx| {
-        if let Some(reason) = entry.poll_close(cx, !registered) {
-            return Poll::Ready(Wake::Asked(reason));
+        if let Some(ask) = fwd.sink().entry().poll_ask(cx, !registered) {
+            return Poll::Ready(Err(ask));
         }
         registered = true;
-        Pin::new(&mut *fwd).poll(cx).map(Wake::Forwarded)
+        Pin::new(&mut *fwd).poll(cx).map(Ok)
     })
     .await;
+    let closed = |c| Ending::Closed(c, None);
     match woke {
-        Wake::Asked(reason) => {
+        Err(Ask::Handover) => Ending::Handover,
+        Err(Ask::Close(reason)) => {
             fwd.close_both();
-            (reason, None)
+            closed(reason)
         }
-        Wake::Forwarded(End::Closed { first: Side::Client }) => (CloseReason::ClientClosed, None),
-        Wake::Forwarded(End::Closed { first: Side::Target }) => (CloseReason::TargetClosed, None),
-        Wake::Forwarded(End::Reset { side: Side::Client }) => (CloseReason::ClientClosed, None),
-        Wake::Forwarded(End::Reset { side: Side::Target }) => (CloseReason::TargetClosed, None),
-        Wake::Forwarded(End::Error { error, .. }) => (CloseReason::Error, Some(error)),
-        Wake::Forwarded(End::Idle) => {
+        Ok(End::Closed { first: Side::Client }) => closed(CloseReason::ClientClosed),
+        Ok(End::Closed { first: Side::Target }) => closed(CloseReason::TargetClosed),
+        Ok(End::Reset { side: Side::Client }) => closed(CloseReason::ClientClosed),
+        Ok(End::Reset { side: Side::Target }) => closed(CloseReason::TargetClosed),
+        Ok(End::Error { error, .. }) => Ending::Closed(CloseReason::Error, Some(error)),
+        Ok(End::Idle) => {
             fwd.close_both();
-            (CloseReason::IdleTimeout, None)
+            closed(CloseReason::IdleTimeout)
         }
     }
-}
-
-/// What woke [`forward_watching`].
-enum Wake {
-    Forwarded(End),
-    /// Asked to close through the registry.
-    Asked(CloseReason),
 }
 
 #[cfg(test)]
