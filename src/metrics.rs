@@ -94,6 +94,7 @@ pub struct RouteMetrics {
     pub session_duration: Histogram,
     rejected_source: Counter,
     rejected_endpoint: Counter,
+    rejected_window: Counter,
     rejected_limit: Counter,
     rejected_audit: Counter,
     connect_refused: Counter,
@@ -107,6 +108,7 @@ impl RouteMetrics {
         match reason {
             Reject::SourceNotAllowed => Some(&self.rejected_source),
             Reject::EndpointNotAllowed => Some(&self.rejected_endpoint),
+            Reject::OutsideWindow => Some(&self.rejected_window),
             Reject::Limit => Some(&self.rejected_limit),
             Reject::AuditUnavailable => Some(&self.rejected_audit),
             Reject::ProxyHeader | Reject::NoRoute => None,
@@ -189,6 +191,7 @@ impl Metrics {
             session_duration: h(SESSION_DURATION),
             rejected_source: reason(Reject::SourceNotAllowed),
             rejected_endpoint: reason(Reject::EndpointNotAllowed),
+            rejected_window: reason(Reject::OutsideWindow),
             rejected_limit: reason(Reject::Limit),
             rejected_audit: reason(Reject::AuditUnavailable),
             connect_refused: kind(ConnectErrorKind::Refused),
