@@ -142,7 +142,7 @@ async fn setup(stream: TcpStream, peer: SocketAddr, port: u16, state: Arc<NodeSt
 
     // 3. Dial.
     let started = Instant::now();
-    let target = match dial::dial(&route.target, snap.config.timeouts.connect).await {
+    let target = match dial::dial(&route, &info, snap.config.timeouts.connect).await {
         Ok(t) => t,
         Err(e) => {
             let kind = e.kind();
