@@ -11,7 +11,7 @@ mod config;
 
 // Each test binary uses what it needs of the harness, as with dead_code above.
 #[allow(unused_imports)]
-pub use config::{toml_string, Config, Route};
+pub use config::{toml_string, Config, Route, Test};
 
 use std::fmt::Display;
 use std::io::{BufRead, BufReader, Read, Write};
