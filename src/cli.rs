@@ -6,10 +6,11 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::time::SystemTime;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{self, Config, ProxyMode};
+use crate::config::{self, units, Config, ProxyMode, Route};
 
 /// TCP port-range forwarding proxy for private maintenance lines behind
 /// AWS PrivateLink and a Network Load Balancer.
@@ -161,14 +162,54 @@ pub fn check_summary(cfg: &Config) -> String {
         config::fmt_duration(cfg.keepalive.idle_timeout_limit)
     );
     let _ = writeln!(s, "  admin:     {}", cfg.admin.listen.map_or("off".to_string(), |a| a.to_string()));
+    let n = cfg.tests.len();
+    let _ = writeln!(s, "  tests:     {n} test{} passed", if n == 1 { "" } else { "s" });
     let _ = writeln!(s, "  hash:      {}", cfg.hash());
     s
 }
 
+/// Findings in a valid config that `check` prints as `warning: ...` lines:
+/// a route whose access window has already ended at `now` (a stale grant:
+/// it refuses everyone, and should be removed).
+pub fn check_warnings(cfg: &Config, now: SystemTime) -> Vec<String> {
+    cfg.ended_windows(now)
+        .into_iter()
+        .map(|r| {
+            let ended = r.not_after.map(units::fmt_rfc3339).unwrap_or_default();
+            format!(
+                "warning: route {:?} (port {}): access window ended at {ended} (not_after); it refuses every connection, remove the route or move not_after",
+                r.name, r.port
+            )
+        })
+        .collect()
+}
+
+/// A route's access window for `routes`: `FROM..UNTIL`, an open end left
+/// empty; `-` without one.
+fn window(r: &Route) -> String {
+    let end = |t: Option<SystemTime>| t.map(units::fmt_rfc3339).unwrap_or_default();
+    match (r.not_before, r.not_after) {
+        (None, None) => "-".into(),
+        (nb, na) => format!("{}..{}", end(nb), end(na)),
+    }
+}
+
 /// The table `routes` prints.
 pub fn routes_table(cfg: &Config) -> String {
-    let headers = ["PORT", "VIA", "NAME", "TENANT", "TARGET", "ALLOW", "ENDPOINTS", "MAX"];
-    let rows: Vec<[String; 8]> = cfg
+    let headers = [
+        "PORT",
+        "VIA",
+        "NAME",
+        "TENANT",
+        "TARGET",
+        "ALLOW",
+        "ENDPOINTS",
+        "MAX",
+        "WINDOW",
+        "MAX_SESSION",
+        "SOURCE",
+    ];
+    let rows: Vec<[String; 11]> = cfg
         .routes
         .iter()
         .map(|r| {
@@ -181,6 +222,13 @@ pub fn routes_table(cfg: &Config) -> String {
                 r.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","),
                 if r.endpoints.is_empty() { "*".into() } else { r.endpoints.join(",") },
                 if r.max_connections == 0 { "-".into() } else { r.max_connections.to_string() },
+                window(r),
+                r.max_session.map_or_else(|| "-".into(), |d| humantime::format_duration(d).to_string()),
+                if r.source.is_empty() {
+                    "-".into()
+                } else {
+                    r.source.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
+                },
             ]
         })
         .collect();

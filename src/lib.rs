@@ -15,18 +15,18 @@
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | [`cli`] | the command line (clap): `run`, `check`, `routes`, `ssh-config`, `reload`, `sessions`, `close`; `check`/`routes` output |
-//! | [`config`] | loading, includes and validation of the TOML file; defaults; the config hash |
+//! | [`cli`] | the command line (clap): `run`, `check`, `routes`, `ssh-config`, `reload`, `sessions`, `close`, `upgrade`; `check`/`routes` output |
+//! | [`config`] | loading, includes and validation of the TOML file; defaults; the config hash; `policy`: the admission decision the config makes (route, source, endpoint, window) and the `[[test]]` tables that assert it |
 //! | `node` | the running node: startup and the event loop (signals, control requests); its steps `reload` and `shutdown` |
 //! | `node::state` | the published snapshot and its protocol: generation, closing, readiness (a leaf) |
 //! | `node::registry` | the running sessions: ids, live counts, close requests (a leaf) |
 //! | `listener` | binding the port set, the accept loop, reconciling on reload |
-//! | `session` | one connection: `header`, `admission`, `dial`, registration, forwarding, `record` |
+//! | `session` | one connection: `header`, `admission`, `dial` (with its egress source), registration, forwarding, `record` |
 //! | `forward` | two-way byte copy: one `half` per direction, splice `pipe`s, buffer `pool`s |
 //! | `routes` | the `(port, via)` route table and per-route runtime state |
 //! | `reason` | the label vocabulary: reject reasons, close reasons, connect error kinds |
 //! | [`proxy_protocol`] | PROXY v1/v2 header parsing and encoding (pure, no I/O) |
-//! | `sockopt` | keepalive, nodelay, user timeout; listener sockets |
+//! | `sockopt` | keepalive, nodelay, user timeout; listener sockets; binding an egress source without a port |
 //! | [`metrics`] | every Prometheus series and label |
 //! | `http` | the HTTP/1.1 server (hyper) both HTTP surfaces share; the PROXY-header rewind |
 //! | `admin` | the admin port's routes: `/metrics`, `/healthz`, `/readyz` |
@@ -39,7 +39,8 @@
 //! `main.rs` only parses arguments, calls into this crate and maps the result
 //! to an exit code. Only what `main.rs`, the integration tests, the fuzz
 //! targets and the benches need is public; everything else is `pub(crate)`.
-//! No file here holds `unsafe`: system calls go through `rustix`.
+//! System calls go through `rustix` and `socket2`; the one `unsafe` block
+//! (`IP_BIND_ADDRESS_NO_PORT`, which neither wraps) is in `sockopt`.
 
 mod admin;
 pub mod cli;

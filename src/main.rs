@@ -25,6 +25,9 @@ fn main() -> ExitCode {
         Command::Run(a) => run(&a.config),
         Command::Check(a) => match load(&a.config) {
             Some(cfg) => {
+                for w in cli::check_warnings(&cfg, std::time::SystemTime::now()) {
+                    eprintln!("{w}");
+                }
                 print!("{}", cli::check_summary(&cfg));
                 ExitCode::SUCCESS
             }

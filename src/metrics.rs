@@ -102,6 +102,7 @@ pub struct RouteMetrics {
     closed: [Counter; CloseReason::ALL.len()],
     rejected_source: Counter,
     rejected_endpoint: Counter,
+    rejected_window: Counter,
     rejected_limit: Counter,
     rejected_audit: Counter,
     connect_refused: Counter,
@@ -115,6 +116,7 @@ impl RouteMetrics {
         match reason {
             Reject::SourceNotAllowed => Some(&self.rejected_source),
             Reject::EndpointNotAllowed => Some(&self.rejected_endpoint),
+            Reject::OutsideWindow => Some(&self.rejected_window),
             Reject::Limit => Some(&self.rejected_limit),
             Reject::AuditUnavailable => Some(&self.rejected_audit),
             Reject::ProxyHeader | Reject::NoRoute => None,
@@ -206,6 +208,7 @@ impl Metrics {
                 .map(|close| c(SESSIONS_CLOSED, vec![r(), Label::new("close", close.as_str())])),
             rejected_source: reason(Reject::SourceNotAllowed),
             rejected_endpoint: reason(Reject::EndpointNotAllowed),
+            rejected_window: reason(Reject::OutsideWindow),
             rejected_limit: reason(Reject::Limit),
             rejected_audit: reason(Reject::AuditUnavailable),
             connect_refused: kind(ConnectErrorKind::Refused),

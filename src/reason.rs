@@ -13,6 +13,8 @@ pub(crate) enum Reject {
     NoRoute,
     SourceNotAllowed,
     EndpointNotAllowed,
+    /// Outside the route's `[not_before, not_after)` access window.
+    OutsideWindow,
     Limit,
     /// `[log] audit = "required"` and the log queue is full.
     AuditUnavailable,
@@ -25,6 +27,7 @@ impl Reject {
             Reject::NoRoute => "no_route",
             Reject::SourceNotAllowed => "source_not_allowed",
             Reject::EndpointNotAllowed => "endpoint_not_allowed",
+            Reject::OutsideWindow => "outside_window",
             Reject::Limit => "limit",
             Reject::AuditUnavailable => "audit_unavailable",
         }

@@ -11,7 +11,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
+use crate::config::policy::{self, Conn, Refused, RouteKeys};
 use crate::config::{Config, Route};
 use crate::metrics::{Metrics, RouteMetrics};
 
@@ -66,18 +68,18 @@ pub(crate) struct RouteEntry {
     pub(crate) state: Arc<RouteState>,
 }
 
-#[derive(Default, Clone)]
-struct PortRoutes {
-    /// The route without `via`.
-    default: Option<RouteEntry>,
-    /// Routes with `via`, by endpoint id. Few per port: a linear scan beats hashing.
-    via: Vec<(String, RouteEntry)>,
+impl AsRef<Route> for RouteEntry {
+    fn as_ref(&self) -> &Route {
+        &self.route
+    }
 }
 
 /// Immutable `(port, via)` -> route map.
 #[derive(Default, Clone)]
 pub(crate) struct RouteTable {
-    by_port: HashMap<u16, PortRoutes>,
+    /// The routing key, with the one lookup rule that the `[[test]]`
+    /// evaluator uses too (`config/policy.rs`).
+    keys: RouteKeys<RouteEntry>,
     by_name: HashMap<String, RouteEntry>,
 }
 
@@ -88,27 +90,20 @@ impl RouteTable {
         let mut table = RouteTable::default();
         for route in &config.routes {
             let entry = RouteEntry { route: Arc::clone(route), state: states.get(route) };
-            let port = table.by_port.entry(route.port).or_default();
-            match &route.via {
-                Some(v) => port.via.push((v.clone(), entry.clone())),
-                None => port.default = Some(entry.clone()),
-            }
+            table.keys.insert(route.port, route.via.as_deref(), entry.clone());
             table.by_name.insert(route.name.clone(), entry);
         }
         table
     }
 
-    /// The route for a connection on `port` that came through `endpoint`:
-    /// the route with `via = endpoint` wins, else the port's route without
-    /// `via`.
-    pub(crate) fn lookup(&self, port: u16, endpoint: Option<&str>) -> Option<&RouteEntry> {
-        let p = self.by_port.get(&port)?;
-        if let Some(ep) = endpoint {
-            if let Some((_, e)) = p.via.iter().find(|(v, _)| v == ep) {
-                return Some(e);
-            }
-        }
-        p.default.as_ref()
+    /// Which route takes `conn`, and does it admit it at `now` (route,
+    /// source, endpoint, window): [`policy::decide`] over this table.
+    pub(crate) fn decide(
+        &self,
+        conn: &Conn<'_>,
+        now: SystemTime,
+    ) -> Result<&RouteEntry, Refused<'_, RouteEntry>> {
+        policy::decide(&self.keys, conn, now)
     }
 
     pub(crate) fn by_name(&self, name: &str) -> Option<&RouteEntry> {
@@ -197,6 +192,10 @@ pub(crate) fn test_route(
         endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
         max_connections: 0,
         ssh_user: None,
+        not_before: None,
+        not_after: None,
+        max_session: None,
+        source: Vec::new(),
     }
 }
 
@@ -206,25 +205,6 @@ mod tests {
 
     fn route(name: &str, port: u16, via: Option<&str>, allow: &[&str], endpoints: &[&str]) -> Route {
         test_route(name, port, via, allow, endpoints)
-    }
-
-    #[test]
-    fn via_route_wins_over_port_route() {
-        let mut cfg = Config::with_defaults("test.toml".into());
-        cfg.routes = vec![
-            Arc::new(route("plain", 8022, None, &["0.0.0.0/0"], &[])),
-            Arc::new(route("through-e1", 8022, Some("vpce-e1"), &["0.0.0.0/0"], &[])),
-            Arc::new(route("only-via", 8023, Some("vpce-e1"), &["0.0.0.0/0"], &[])),
-        ];
-        let states = RouteStates::default();
-        let t = RouteTable::build(&cfg, &states);
-        let name = |p, e| t.lookup(p, e).map(|e: &RouteEntry| e.route.name.clone());
-        assert_eq!(name(8022, Some("vpce-e1")).as_deref(), Some("through-e1"));
-        assert_eq!(name(8022, Some("vpce-e2")).as_deref(), Some("plain"));
-        assert_eq!(name(8022, None).as_deref(), Some("plain"));
-        assert_eq!(name(8023, Some("vpce-e1")).as_deref(), Some("only-via"));
-        assert_eq!(name(8023, None), None);
-        assert_eq!(name(9999, None), None);
     }
 
     #[test]

@@ -1,12 +1,16 @@
 //! Socket options: one function for both sides of a session, plus listener
-//! and dialer construction.
+//! and dialer construction (binding an egress source address).
 //!
 //! A failed option is logged and the connection goes on: a session without
 //! keepalive is worse than one with it, but better than none. This module
 //! sets options and builds listeners; it must not dial or accept.
+//!
+//! It holds the crate's one `unsafe` block: `IP_BIND_ADDRESS_NO_PORT`, which
+//! neither rustix nor socket2 wraps, set through `libc::setsockopt`.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
@@ -76,6 +80,83 @@ pub(crate) fn bind_listener_with(addr: IpAddr, port: u16, ka: Option<&Keepalive>
     TcpListener::from_std(socket.into())
 }
 
+/// Bind a dialing socket to the egress source `addr` without taking a port:
+/// with `IP_BIND_ADDRESS_NO_PORT` the kernel picks the port at `connect`,
+/// per destination, so a source address serves as many sessions as plain
+/// dials would (binding port 0 without it would reserve a port per socket
+/// across all destinations, and run out near 28,000 sessions).
+pub(crate) fn bind_source(socket: &tokio::net::TcpSocket, addr: IpAddr) -> io::Result<()> {
+    if let Err(e) = set_bind_address_no_port(socket.as_fd()) {
+        warn_once_no_port(&e);
+    }
+    socket.bind(SocketAddr::new(addr, 0))
+}
+
+/// Whether `addr` can be bound as an egress source on this host (it is one
+/// of its addresses). Binds without a port and closes at once: no port is
+/// taken and nothing is sent.
+fn check_source(addr: IpAddr) -> io::Result<()> {
+    let socket =
+        Socket::new(Domain::for_address(SocketAddr::new(addr, 0)), Type::STREAM, Some(Protocol::TCP))?;
+    let _ = set_bind_address_no_port(socket.as_fd());
+    socket.bind(&SocketAddr::new(addr, 0).into())
+}
+
+/// An egress source address that cannot be bound on this host.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot dial from source address {addr}: {source}{hint}")]
+pub struct SourceBindError {
+    addr: IpAddr,
+    #[source]
+    source: io::Error,
+    hint: &'static str,
+}
+
+/// [`check_source`] for each of `addrs`: the first that fails, named.
+pub(crate) fn check_sources(addrs: &[IpAddr]) -> Result<(), SourceBindError> {
+    for &addr in addrs {
+        if let Err(source) = check_source(addr) {
+            let hint = if source.kind() == io::ErrorKind::AddrNotAvailable {
+                " (it is not an address of this host: add it to an interface, e.g. a secondary private IP on the ENI, or remove it from source)"
+            } else {
+                ""
+            };
+            return Err(SourceBindError { addr, source, hint });
+        }
+    }
+    Ok(())
+}
+
+fn set_bind_address_no_port(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: `fd` is a socket descriptor borrowed for the call; the option
+    // value is a live c_int on the stack, and its exact size is passed, so
+    // the kernel reads only that int.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A kernel without `IP_BIND_ADDRESS_NO_PORT` (before Linux 4.2) still
+/// dials, with a port per bound socket; say so once, not per session.
+fn warn_once_no_port(e: &io::Error) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(error = %e, "could not set IP_BIND_ADDRESS_NO_PORT; each dial from a source address holds a local port of its own");
+    }
+}
+
 /// Reset a connection on close (SO_LINGER 0), to pass a reset on.
 pub(crate) fn set_reset_on_close(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
@@ -133,6 +214,30 @@ mod tests {
         assert_eq!(r.keepalive_retries().unwrap(), 6);
         assert_eq!(r.tcp_user_timeout().unwrap(), Some(Duration::from_secs(41 + 13 * 6)));
         assert!(r.nodelay().unwrap());
+    }
+
+    #[test]
+    fn only_addresses_of_this_host_pass_the_source_check() {
+        assert!(check_sources(&["127.0.0.21".parse().unwrap(), "127.0.0.1".parse().unwrap()]).is_ok());
+        // A documentation address (RFC 5737): binding it fails, nothing is sent.
+        let e = check_sources(&["127.0.0.1".parse().unwrap(), "192.0.2.1".parse().unwrap()]).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.starts_with("cannot dial from source address 192.0.2.1: "), "{msg}");
+        assert!(msg.contains("not an address of this host"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn a_source_bound_socket_dials_from_it() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = l.local_addr().unwrap();
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        bind_source(&s, "127.0.0.22".parse().unwrap()).unwrap();
+        // No port yet: the kernel picks it at connect.
+        assert_eq!(s.local_addr().unwrap().port(), 0);
+        let dial = tokio::spawn(s.connect(to));
+        let (_server, peer) = l.accept().await.unwrap();
+        dial.await.unwrap().unwrap();
+        assert_eq!(peer.ip(), "127.0.0.22".parse::<IpAddr>().unwrap());
     }
 
     #[tokio::test]

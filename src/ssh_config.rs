@@ -100,17 +100,11 @@ mod tests {
     use std::sync::Arc;
 
     fn route(name: &str, port: u16, target: &str, user: Option<&str>) -> Arc<Route> {
-        Arc::new(Route {
-            name: name.into(),
-            port,
-            via: None,
-            target: Target::Addr(target.parse().unwrap()),
-            tenant: "t".into(),
-            allow: vec!["0.0.0.0/0".parse().unwrap()],
-            endpoints: vec![],
-            max_connections: 0,
-            ssh_user: user.map(Into::into),
-        })
+        let mut r = crate::routes::test_route(name, port, None, &["0.0.0.0/0"], &[]);
+        r.target = Target::Addr(target.parse().unwrap());
+        r.tenant = "t".into();
+        r.ssh_user = user.map(Into::into);
+        Arc::new(r)
     }
 
     #[test]

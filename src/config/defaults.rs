@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use super::{
     Access, Admin, Audit, Config, Control, Keepalive, Listen, Log, LogFormat, ProxyMode, ProxyProtocol,
-    Timeouts,
+    Timeouts, Upstream,
 };
 
 /// `listen.address`: every IPv4 address of the host, so the NLB can reach it
@@ -48,6 +48,9 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 /// `timeouts.revoke_grace`: a session a reload no longer admits gets as long
 /// to finish as one that a shutdown drains.
 pub const DEFAULT_REVOKE_GRACE: Duration = Duration::from_secs(30);
+/// `timeouts.max_session`: off; a route's access window, keepalive and the
+/// operator bound a session, not a clock, unless a config asks for one.
+pub const DEFAULT_MAX_SESSION: Option<Duration> = None;
 /// `admin.listen`: loopback only, so metrics are not exposed by default. Port
 /// 14090: not 9090, the Prometheus server's own default (a node that runs a
 /// Prometheus too would collide), and outside the 9100-9999 exporter range,
@@ -114,6 +117,7 @@ impl Config {
                 shutdown_delay: DEFAULT_SHUTDOWN_DELAY,
                 drain: DEFAULT_DRAIN,
                 revoke_grace: DEFAULT_REVOKE_GRACE,
+                max_session: DEFAULT_MAX_SESSION,
             },
             admin: Admin { listen: Some(DEFAULT_ADMIN_LISTEN) },
             log: Log {
@@ -129,7 +133,9 @@ impl Config {
                 max_connections: DEFAULT_MAX_CONNECTIONS,
                 max_per_source: DEFAULT_MAX_PER_SOURCE,
             },
+            upstream: Upstream::default(),
             routes: Vec::new(),
+            tests: Vec::new(),
         }
     }
 }

@@ -17,15 +17,23 @@
 //! SIGHUP reload all call [`load`] off to the side.
 
 pub(crate) mod defaults;
+pub(crate) mod policy;
+mod problem;
 pub(crate) mod raw;
 pub mod render;
+pub mod units;
 pub(crate) mod validate;
+
+pub use policy::{Expect, PolicyTest};
+pub use problem::{ConfigError, Problem};
+pub use units::fmt_duration;
+use units::{ser_duration, ser_opt_duration};
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -58,10 +66,18 @@ pub struct Config {
     /// The `[access]` section as written. Routes already carry the values
     /// they inherit from it; only `max_per_source` is read from here.
     pub access: Access,
+    /// The `[upstream]` section as written. Routes already carry the
+    /// source list they inherit from it.
+    pub upstream: Upstream,
     /// Every route, sorted by `(port, via)`; the routing key is unique.
     /// `Arc` so the route table and the sessions of a route share one copy
     /// that outlives a reload.
     pub routes: Vec<Arc<Route>>,
+    /// Every `[[test]]`, in file order (main file first). [`load`] has run
+    /// them all and refused the config if one failed; they are kept for
+    /// `check`'s count and for [`render`]. Not part of the hash: they
+    /// change what is checked, not what is served.
+    pub tests: Vec<PolicyTest>,
 }
 
 /// `[listen]`: where the listeners are bound.
@@ -188,6 +204,12 @@ pub struct Timeouts {
     /// this long, so its user can finish instead of being cut off at once.
     #[serde(serialize_with = "ser_duration")]
     pub revoke_grace: Duration,
+    /// The longest a session may last, for routes that do not set their own
+    /// (`None` = "off"). Routes carry the effective value; this is the
+    /// default as written. Not hashed when off, so adding the key changed no
+    /// existing hash.
+    #[serde(serialize_with = "ser_opt_duration", skip_serializing_if = "Option::is_none")]
+    pub max_session: Option<Duration>,
 }
 
 /// `[admin]`.
@@ -278,7 +300,21 @@ pub struct Access {
     pub max_per_source: u32,
 }
 
-/// One `[[route]]`, with `[access]` defaults already applied.
+/// `[upstream]`: how targets are dialed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Upstream {
+    /// Local addresses to dial targets from, for routes without their own
+    /// `source`; empty = let the kernel choose (the node's primary address).
+    /// Never empty when written: `source = []` is refused.
+    pub source: Vec<IpAddr>,
+}
+
+/// One `[[route]]`, with `[access]`, `[timeouts]` and `[upstream]` defaults
+/// already applied.
+///
+/// The keys added after v1 (`not_before`, `not_after`, `max_session`,
+/// `source`) are left out of the hash when not set, so configs that do not
+/// use them kept their hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Route {
     /// Unique; the route's identity across a reload (its sessions and
@@ -306,6 +342,26 @@ pub struct Route {
     pub max_connections: u32,
     /// Marks the route as SSH for `ssh-config`, and is the `User` it writes.
     pub ssh_user: Option<String>,
+    /// The access window opens here (included): before it, connections are
+    /// refused with `outside_window`. `None` = open since forever.
+    #[serde(serialize_with = "units::ser_opt_time", skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<SystemTime>,
+    /// The access window closes here (excluded): from this instant on,
+    /// connections are refused with `outside_window`, and running sessions
+    /// are closed (`close=expired`). Later than `not_before`.
+    #[serde(serialize_with = "units::ser_opt_time", skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<SystemTime>,
+    /// Effective longest session (`close=max_duration`): the route's own
+    /// `max_session`, else `[timeouts] max_session`; `None` = no bound.
+    #[serde(serialize_with = "ser_opt_duration", skip_serializing_if = "Option::is_none")]
+    pub max_session: Option<Duration>,
+    /// Effective egress source addresses (the route's own, else `[upstream]
+    /// source`): a dial binds the one a stable hash of the client and
+    /// endpoint picks among those of the target's family, so a tenant's
+    /// sshd or fail2ban sees each operator as one address of its own.
+    /// Empty = the kernel chooses.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source: Vec<IpAddr>,
 }
 
 /// Where a route forwards to.
@@ -325,6 +381,15 @@ pub enum Target {
 }
 
 impl Target {
+    /// For an IP-literal target, whether it is IPv4; `None` for a name
+    /// (its family is known only once it is resolved).
+    pub fn is_ipv4(&self) -> Option<bool> {
+        match self {
+            Target::Addr(a) => Some(a.is_ipv4()),
+            Target::Name { .. } => None,
+        }
+    }
+
     /// The port dialed, whichever form the target has.
     pub fn port(&self) -> u16 {
         match self {
@@ -364,6 +429,10 @@ impl Route {
             endpoints: Vec::new(),
             max_connections: 0,
             ssh_user: None,
+            not_before: None,
+            not_after: None,
+            max_session: None,
+            source: Vec::new(),
         }
     }
 }
@@ -389,6 +458,23 @@ impl Config {
                 ports
             }
         }
+    }
+
+    /// Routes whose access window has ended by `now` (`not_after <= now`):
+    /// stale grants, which `check` warns about. They are valid, and refuse
+    /// every connection.
+    pub fn ended_windows(&self, now: SystemTime) -> Vec<&Route> {
+        self.routes.iter().filter(|r| r.not_after.is_some_and(|t| t <= now)).map(|r| r.as_ref()).collect()
+    }
+
+    /// Every distinct egress source address of every route, for the start
+    /// and reload check that each can be bound on this host.
+    pub fn source_addresses(&self) -> Vec<IpAddr> {
+        let mut all: Vec<IpAddr> = self.routes.iter().flat_map(|r| r.source.iter().copied()).collect();
+        all.extend(self.upstream.source.iter().copied());
+        all.sort_unstable();
+        all.dedup();
+        all
     }
 
     /// Distinct tenant labels, sorted.
@@ -438,74 +524,14 @@ impl Config {
     }
 }
 
-/// A duration as a config would write it: `"350s"`, `"1500ms"`.
-pub fn fmt_duration(d: Duration) -> String {
-    let nanos = d.subsec_nanos();
-    if nanos == 0 {
-        format!("{}s", d.as_secs())
-    } else if nanos % 1_000_000 == 0 {
-        format!("{}ms", d.as_millis())
-    } else if nanos % 1_000 == 0 {
-        format!("{}us", d.as_micros())
-    } else {
-        format!("{}ns", d.as_nanos())
-    }
-}
-
-// Nanoseconds: every distinct duration hashes differently.
-fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u128(d.as_nanos())
-}
-
-fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-    match d {
-        Some(d) => s.serialize_some(&d.as_nanos()),
-        None => s.serialize_none(),
-    }
-}
-
-/// One problem found in a config, already located.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// `FILE:LINE:COL` where known, else `FILE` (or empty for problems
-    /// between routes, which name the routes in the message).
-    pub location: String,
-    /// What is wrong and what would be valid.
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.location.is_empty() {
-            write!(f, "{}", self.message)
-        } else {
-            write!(f, "{}: {}", self.location, self.message)
-        }
-    }
-}
-
-/// Every problem found while loading a config; displayed one per line.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ConfigError {
-    /// Every problem, in the order found (file order, section by section),
-    /// so a user can fix them all in one pass.
-    pub problems: Vec<Problem>,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, p) in self.problems.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{p}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Load, include and validate the config at `path`. Binds nothing.
+/// Load, include and validate the config at `path`, and run its
+/// `[[test]]` tables (those without `at` are judged at the current time).
+/// Binds nothing.
+///
+/// This is the one validation path: `check`, `run` and a reload all call
+/// it, so they accept and refuse exactly the same files with the same
+/// messages.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let tree = raw::read_tree(path)?;
-    validate::validate(path, &tree)
+    validate::validate(path, &tree, SystemTime::now())
 }

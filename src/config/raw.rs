@@ -30,7 +30,7 @@ pub type SpannedList = Spanned<Vec<Spanned<String>>>;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    /// Globs or paths of files with more `[[route]]` tables, relative to this file.
+    /// Globs or paths of files with more `[[route]]` and `[[test]]` tables, relative to this file.
     #[serde(default)]
     pub include: Vec<Spanned<String>>,
     #[serde(default)]
@@ -50,7 +50,12 @@ pub struct RawConfig {
     #[serde(default)]
     pub access: RawAccess,
     #[serde(default)]
+    pub upstream: RawUpstream,
+    #[serde(default)]
     pub route: Vec<Spanned<RawRoute>>,
+    /// Policy tests; moved into [`Tree::tests`] with the included ones.
+    #[serde(default)]
+    pub test: Vec<Spanned<RawTest>>,
 }
 
 /// `[listen]`.
@@ -101,6 +106,8 @@ pub struct RawTimeouts {
     pub shutdown_delay: Option<Spanned<String>>,
     pub drain: Option<Spanned<String>>,
     pub revoke_grace: Option<Spanned<String>>,
+    /// `"off"` or a duration: the default for routes.
+    pub max_session: Option<Spanned<String>>,
 }
 
 /// `[admin]`.
@@ -141,6 +148,14 @@ pub struct RawAccess {
     pub max_per_source: Option<Spanned<i64>>,
 }
 
+/// `[upstream]`: how targets are dialed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// Local addresses to dial targets from.
+    pub source: Option<SpannedList>,
+}
+
 /// One `[[route]]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -154,14 +169,39 @@ pub struct RawRoute {
     pub endpoints: Option<SpannedList>,
     pub max_connections: Option<Spanned<i64>>,
     pub ssh_user: Option<Spanned<String>>,
+    /// RFC 3339 times bounding the access window, `[not_before, not_after)`.
+    pub not_before: Option<Spanned<String>>,
+    pub not_after: Option<Spanned<String>>,
+    /// `"off"` or a duration; replaces `[timeouts] max_session`.
+    pub max_session: Option<Spanned<String>>,
+    /// Replaces `[upstream] source`.
+    pub source: Option<SpannedList>,
 }
 
-/// An included file: routes only.
+/// One `[[test]]`: a connection and what admission must decide for it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTest {
+    pub port: Option<Spanned<i64>>,
+    /// An IP address (the admitted client, as from a PROXY header).
+    pub client: Option<Spanned<String>>,
+    pub endpoint: Option<Spanned<String>>,
+    /// RFC 3339: the time the windows are judged at (default: now).
+    pub at: Option<Spanned<String>>,
+    /// `"admit"` or `"reject"`.
+    pub expect: Option<Spanned<String>>,
+    pub route: Option<Spanned<String>>,
+    pub reason: Option<Spanned<String>>,
+}
+
+/// An included file: routes and tests only.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawInclude {
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    test: Vec<Spanned<RawTest>>,
 }
 
 /// One file's path (as shown in messages) and text (for line numbers).
@@ -192,6 +232,8 @@ pub struct Tree {
     pub main: RawConfig,
     /// Every route with the index of the file it is in.
     pub routes: Vec<(usize, Spanned<RawRoute>)>,
+    /// Every `[[test]]` with the index of the file it is in, main file first.
+    pub tests: Vec<(usize, Spanned<RawTest>)>,
     /// Problems found while reading includes (reported with validation's).
     pub problems: Vec<Problem>,
 }
@@ -246,9 +288,12 @@ pub fn read_tree(path: &Path) -> Result<Tree, ConfigError> {
     let main_file = SourceFile { path: path.to_path_buf(), text };
     let main: RawConfig = toml::from_str(&main_file.text)
         .map_err(|e| ConfigError { problems: vec![toml_problem(&main_file, &e, "")] })?;
-    let mut tree = Tree { files: vec![main_file], main, routes: Vec::new(), problems: Vec::new() };
+    let mut tree =
+        Tree { files: vec![main_file], main, routes: Vec::new(), tests: Vec::new(), problems: Vec::new() };
     let routes = std::mem::take(&mut tree.main.route);
     tree.routes.extend(routes.into_iter().map(|r| (0, r)));
+    let tests = std::mem::take(&mut tree.main.test);
+    tree.tests.extend(tests.into_iter().map(|t| (0, t)));
 
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut seen: Vec<PathBuf> = vec![std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())];
@@ -300,11 +345,12 @@ pub fn read_tree(path: &Path) -> Result<Tree, ConfigError> {
                 Ok(inc) => {
                     let idx = tree.files.len();
                     tree.routes.extend(inc.route.into_iter().map(|r| (idx, r)));
+                    tree.tests.extend(inc.test.into_iter().map(|t| (idx, t)));
                     tree.files.push(file);
                 }
                 Err(e) => {
                     let hint = if e.message().contains("unknown field") {
-                        " (included files may only contain [[route]] tables)"
+                        " (included files may only contain [[route]] and [[test]] tables)"
                     } else {
                         ""
                     };

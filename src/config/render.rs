@@ -2,8 +2,10 @@
 //!
 //! Every section is written with its effective value (defaults filled in),
 //! included routes are inlined, routes are sorted by `(port, via, name)` and
-//! each route carries its effective `allow`, `endpoints`, `max_connections`
-//! and `tenant`, so it no longer depends on `[access]`. [`load`](super::load)
+//! each route carries its effective `allow`, `endpoints`, `max_connections`,
+//! `tenant`, `max_session` and `source`, so it no longer depends on
+//! `[access]`, `[timeouts]` or `[upstream]`. Windows and test times are
+//! written in UTC. `[[test]]` tables follow the routes, in file order. [`load`](super::load)
 //! accepts the output and gives back an equal [`Config`] (apart from
 //! `source`) with the same [`Config::hash`]; `tests/config_props.rs` checks
 //! that property on generated configs and the `config` fuzz target on every
@@ -21,7 +23,8 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use super::{fmt_duration, Audit, Config, LogFormat, ProxyMode, Route};
+use super::units::fmt_rfc3339;
+use super::{fmt_duration, Audit, Config, Expect, LogFormat, ProxyMode, Route};
 
 /// Render `cfg` as a TOML file that [`load`](super::load) accepts back.
 pub fn to_toml(cfg: &Config) -> String {
@@ -62,6 +65,7 @@ pub fn to_toml(cfg: &Config) -> String {
     let _ = writeln!(o, "shutdown_delay = {}", quote(&duration(t.shutdown_delay)));
     let _ = writeln!(o, "drain = {}", quote(&duration(t.drain)));
     let _ = writeln!(o, "revoke_grace = {}", quote(&duration(t.revoke_grace)));
+    let _ = writeln!(o, "max_session = {}", quote(&off_or(t.max_session)));
 
     let _ = writeln!(o, "\n[admin]");
     let admin = cfg.admin.listen.map_or_else(|| "off".to_owned(), |a| a.to_string());
@@ -96,6 +100,11 @@ pub fn to_toml(cfg: &Config) -> String {
     let _ = writeln!(o, "max_connections = {}", acc.max_connections);
     let _ = writeln!(o, "max_per_source = {}", acc.max_per_source);
 
+    if !cfg.upstream.source.is_empty() {
+        let _ = writeln!(o, "\n[upstream]");
+        let _ = writeln!(o, "source = {}", list(&cfg.upstream.source));
+    }
+
     let mut routes: Vec<&Route> = cfg.routes.iter().map(|r| r.as_ref()).collect();
     routes.sort_by(|a, b| (a.port, &a.via, &a.name).cmp(&(b.port, &b.via, &b.name)));
     for r in routes {
@@ -113,8 +122,52 @@ pub fn to_toml(cfg: &Config) -> String {
         if let Some(user) = &r.ssh_user {
             let _ = writeln!(o, "ssh_user = {}", quote(user));
         }
+        if let Some(t) = r.not_before {
+            let _ = writeln!(o, "not_before = {}", quote(&fmt_rfc3339(t)));
+        }
+        if let Some(t) = r.not_after {
+            let _ = writeln!(o, "not_after = {}", quote(&fmt_rfc3339(t)));
+        }
+        // Written when it differs from the default, "off" included.
+        if r.max_session != cfg.timeouts.max_session {
+            let _ = writeln!(o, "max_session = {}", quote(&off_or(r.max_session)));
+        }
+        if !r.source.is_empty() {
+            let _ = writeln!(o, "source = {}", list(&r.source));
+        }
+    }
+
+    for test in &cfg.tests {
+        let _ = writeln!(o, "\n[[test]]");
+        let _ = writeln!(o, "port = {}", test.port);
+        let _ = writeln!(o, "client = {}", quote(&test.client.to_string()));
+        if let Some(e) = &test.endpoint {
+            let _ = writeln!(o, "endpoint = {}", quote(e));
+        }
+        if let Some(at) = test.at {
+            let _ = writeln!(o, "at = {}", quote(&fmt_rfc3339(at)));
+        }
+        match &test.expect {
+            Expect::Admit { route } => {
+                let _ = writeln!(o, "expect = \"admit\"");
+                if let Some(r) = route {
+                    let _ = writeln!(o, "route = {}", quote(r));
+                }
+            }
+            Expect::Reject { reason } => {
+                let _ = writeln!(o, "expect = \"reject\"");
+                if let Some(r) = reason {
+                    let _ = writeln!(o, "reason = {}", quote(r));
+                }
+            }
+        }
     }
     out
+}
+
+/// `"off"` or the duration.
+fn off_or(d: Option<Duration>) -> String {
+    d.map_or_else(|| "off".to_owned(), duration)
 }
 
 /// A duration string that parses back to exactly `d`.
@@ -193,6 +246,7 @@ mod tests {
         for rel in [
             "tests/fixtures/valid/full.toml",
             "tests/fixtures/valid/minimal.toml",
+            "tests/fixtures/valid/windows.toml",
             "config/portgate.example.toml",
         ] {
             let cfg = load(&fixture(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));

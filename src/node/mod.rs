@@ -4,10 +4,10 @@
 //! caller decides where signals come from (`main.rs` wires SIGHUP, SIGTERM
 //! and SIGINT; tests can send their own). The event loop also takes
 //! [`NodeRequest`]s from the control socket, each with a oneshot reply; a
-//! SIGHUP and a `POST /reload` run the same [`Node::reload`]. Startup claims
-//! the control socket first (so a second node on the same socket fails before
-//! binding anything), then binds every listener and the admin port before
-//! telling systemd it is ready; any failure ends startup with an error and
+//! SIGHUP and a `POST /reload` run the same [`Node::reload`]. Startup checks
+//! that every egress source address can be bound, claims the control socket
+//! (so a second node on the same socket fails before binding anything), then
+//! binds every listener and the admin port before telling systemd it is ready; any failure ends startup with an error and
 //! nothing left listening.
 //!
 //! The node's steps live in files of their own and are methods of [`Node`]:
@@ -39,6 +39,7 @@ use crate::listener::{BindError, ListenerSet};
 use crate::logging::LogControl;
 use crate::metrics::Metrics;
 use crate::node::state::NodeState;
+use crate::sockopt::{self, SourceBindError};
 use crate::systemd;
 
 /// What the outside world asks of a running node.
@@ -66,6 +67,9 @@ pub enum StartError {
     /// Taking over from a running node failed; it keeps serving.
     #[error("upgrade: {0}")]
     Upgrade(String),
+    /// An egress source address is not one of this host's.
+    #[error(transparent)]
+    Source(#[from] SourceBindError),
 }
 
 /// Queued control requests; each holds its client until answered.
@@ -97,6 +101,9 @@ impl Node {
         log: LogControl,
         requests: mpsc::Sender<NodeRequest>,
     ) -> Result<Node, StartError> {
+        // Before anything is bound: a source this host does not have would
+        // fail every dial of its routes.
+        sockopt::check_sources(&config.source_addresses())?;
         let metrics = Arc::new(Metrics::new());
         let config_path = config.source.clone();
         let addr = config.listen.address;

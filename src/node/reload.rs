@@ -37,6 +37,8 @@ pub(crate) enum ApplyError {
     ControlChanged { old: String, new: String },
     #[error(transparent)]
     Bind(#[from] crate::listener::BindError),
+    #[error("{0}; the old config keeps serving")]
+    Source(#[from] crate::sockopt::SourceBindError),
     #[error("cannot listen on admin address {addr}: {source}")]
     Admin { addr: std::net::SocketAddr, source: std::io::Error },
 }
@@ -129,6 +131,7 @@ impl Node {
                 new: show(&new.control.socket),
             });
         }
+        crate::sockopt::check_sources(&new.source_addresses())?;
         let ports = new.listen_ports();
         let bound = self.listeners.bind_new(new.listen.address, &ports, &new.keepalive)?;
         let new_admin = if new.admin.listen != old.config.admin.listen {

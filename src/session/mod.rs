@@ -253,7 +253,7 @@ async fn setup(
 
     // 3. Dial.
     let started = Instant::now();
-    let target = match dial::dial(&route.target, snap.config.timeouts.connect).await {
+    let target = match dial::dial(&route, &info, snap.config.timeouts.connect).await {
         Ok(t) => t,
         Err(e) => {
             let kind = e.kind();

@@ -116,11 +116,52 @@ impl Route {
     }
 }
 
-/// A whole config: tables in the order first set, then the routes.
+/// One `[[test]]`: port, client and expectation, and whatever else a test
+/// sets (`endpoint`, `at`, `route`, `reason`).
+#[derive(Clone)]
+pub struct Test(Keys);
+
+impl Test {
+    /// `expect = "admit"` for `client` on `port`.
+    pub fn admit(port: u16, client: &str) -> Test {
+        Test::new(port, client, "admit")
+    }
+
+    /// `expect = "reject"` for `client` on `port`.
+    pub fn reject(port: u16, client: &str) -> Test {
+        Test::new(port, client, "reject")
+    }
+
+    fn new(port: u16, client: &str, expect: &str) -> Test {
+        let mut keys = Keys::default();
+        keys.set("port", port.toml());
+        keys.set("client", client.toml());
+        keys.set("expect", expect.toml());
+        Test(keys)
+    }
+
+    /// Set `key` on this test, e.g. `.set("route", "web")`.
+    pub fn set(mut self, key: &str, value: impl Toml) -> Test {
+        self.0.set(key, value.toml());
+        self
+    }
+}
+
+impl fmt::Display for Test {
+    /// The `[[test]]` table alone, e.g. for an included file.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "[[test]]")?;
+        self.0.write(f)
+    }
+}
+
+/// A whole config: tables in the order first set, then the routes, then
+/// the tests.
 #[derive(Clone, Default)]
 pub struct Config {
     tables: Vec<(String, Keys)>,
     routes: Vec<Route>,
+    tests: Vec<Test>,
 }
 
 impl Config {
@@ -173,17 +214,35 @@ impl Config {
         self.routes.push(route);
         self
     }
+
+    /// A `[[test]]` table.
+    pub fn test(mut self, test: Test) -> Config {
+        self.tests.push(test);
+        self
+    }
+
+    /// A top-level key, before every table (`include = [...]`).
+    pub fn top(mut self, key: &str, value: impl Toml) -> Config {
+        self.tables.insert(0, (String::new(), Keys::default()));
+        self.tables[0].1.set(key, value.toml());
+        self
+    }
 }
 
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (table, keys) in &self.tables {
-            writeln!(f, "[{table}]")?;
+            if !table.is_empty() {
+                writeln!(f, "[{table}]")?;
+            }
             keys.write(f)?;
         }
         for Route(keys) in &self.routes {
             writeln!(f, "[[route]]")?;
             keys.write(f)?;
+        }
+        for test in &self.tests {
+            write!(f, "{test}")?;
         }
         Ok(())
     }

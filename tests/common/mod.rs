@@ -12,7 +12,7 @@ pub mod control;
 
 // Each test binary uses what it needs of the harness, as with dead_code above.
 #[allow(unused_imports)]
-pub use config::{toml_string, Config, Route};
+pub use config::{toml_string, Config, Route, Test};
 
 use std::fmt::Display;
 use std::io::{BufRead, BufReader, Read, Write};

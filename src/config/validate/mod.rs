@@ -22,12 +22,14 @@ mod listen;
 mod log;
 mod proxy_protocol;
 mod routes;
+mod tests_section;
 mod timeouts;
+mod upstream;
 
 use std::net::IpAddr;
 use std::ops::Range;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
 use toml::Spanned;
@@ -41,6 +43,10 @@ const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// What a duration looks like, for every duration message.
 const DURATION_HINT: &str = "expected a number with a unit, like \"500ms\", \"60s\" or \"5m\"";
+
+/// What an instant looks like, for every time message.
+const TIME_HINT: &str =
+    "expected an RFC 3339 time with its offset, like \"2026-12-01T09:00:00Z\" or \"2026-12-01T18:00:00+09:00\"";
 
 /// The state of one validation run, handed to every section: the tree (for
 /// locating a span) and the problems found so far, in the order found.
@@ -113,6 +119,76 @@ impl Ctx<'_> {
         u32::try_from(n).ok()
     }
 
+    /// `"off"` (`Some(None)`) or a positive duration (`Some(Some(d))`);
+    /// `None` when the value is bad (reported).
+    fn off_or_positive(&mut self, file: usize, key: &str, v: &Spanned<String>) -> Option<Option<Duration>> {
+        if v.get_ref().trim() == "off" {
+            return Some(None);
+        }
+        let before = self.problems.len();
+        let d = self.duration(file, key, &Some(v.clone()), Duration::ZERO);
+        if self.problems.len() != before {
+            return None;
+        }
+        if d.is_zero() {
+            self.err(file, v.span(), format!("{key} must be greater than 0, or \"off\""));
+            return None;
+        }
+        Some(Some(d))
+    }
+
+    /// An RFC 3339 instant; `None` when bad (reported).
+    fn instant(&mut self, file: usize, key: &str, v: &Spanned<String>) -> Option<SystemTime> {
+        match crate::config::units::parse_rfc3339(v.get_ref().trim()) {
+            Ok(t) => Some(t),
+            Err(why) => {
+                self.err(
+                    file,
+                    v.span(),
+                    format!("{key} {:?} is not valid ({why}); {TIME_HINT}", v.get_ref()),
+                );
+                None
+            }
+        }
+    }
+
+    /// An egress source list: IP addresses of this host (checked at `run`
+    /// and reload; here only their form), not empty, none twice. Each bad
+    /// entry is reported; `None` when the list is empty.
+    fn sources(&mut self, file: usize, key: &str, list: &SpannedList) -> Option<Vec<IpAddr>> {
+        if list.get_ref().is_empty() {
+            self.err(
+                file,
+                list.span(),
+                format!("{key} = [] lists no address; list local addresses to dial from, or remove the key to let the kernel choose"),
+            );
+            return None;
+        }
+        let mut out: Vec<IpAddr> = Vec::new();
+        for item in list.get_ref() {
+            let s = item.get_ref().trim();
+            match s.parse::<IpAddr>() {
+                Ok(ip) if ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::from([255, 255, 255, 255]) => {
+                    self.err(
+                        file,
+                        item.span(),
+                        format!("{key}: {s:?} is not a unicast address; list addresses of this host, like \"10.0.5.10\""),
+                    );
+                }
+                Ok(ip) if out.contains(&ip.to_canonical()) => {
+                    self.err(file, item.span(), format!("{key}: {s:?} is listed twice"));
+                }
+                Ok(ip) => out.push(ip.to_canonical()),
+                Err(_) => self.err(
+                    file,
+                    item.span(),
+                    format!("{key}: {s:?} is not an IP address; list addresses of this host, like \"10.0.5.10\" or \"2001:db8::10\" (no port, no prefix length)"),
+                ),
+            }
+        }
+        Some(out)
+    }
+
     /// The valid networks of a CIDR list; each bad entry is reported.
     fn cidrs(&mut self, file: usize, key: &str, list: &SpannedList) -> Vec<IpNet> {
         let mut out = Vec::new();
@@ -174,8 +250,9 @@ fn is_vpce(s: &str) -> bool {
     })
 }
 
-/// Validate the tree, collecting every problem.
-pub fn validate(path: &Path, tree: &Tree) -> Result<Config, ConfigError> {
+/// Validate the tree, collecting every problem; then, if there is none, run
+/// the `[[test]]` tables (windows judged at a test's `at`, else at `now`).
+pub fn validate(path: &Path, tree: &Tree, now: SystemTime) -> Result<Config, ConfigError> {
     let mut cx = Ctx { tree, problems: tree.problems.clone() };
     let raw = &tree.main;
 
@@ -189,11 +266,24 @@ pub fn validate(path: &Path, tree: &Tree) -> Result<Config, ConfigError> {
     let log = log::check(&mut cx, &raw.log);
     let control = control::check(&mut cx, path, &raw.control);
     let access = access::check(&mut cx, &raw.access, proxy_protocol.mode);
-    let inherited = routes::Inherited { ports: listen.ports, mode: proxy_protocol.mode, access: &access };
+    let upstream = upstream::check(&mut cx, &raw.upstream);
+    let inherited = routes::Inherited {
+        ports: listen.ports,
+        mode: proxy_protocol.mode,
+        access: &access,
+        max_session: timeouts.max_session,
+        source: &upstream.source,
+    };
     let routes = routes::check(&mut cx, &tree.routes, &inherited);
-    // Last: it needs the ports the routes listen on.
+    // It needs the ports the routes listen on.
     admin::check_port_clash(&mut cx, &raw.admin, &admin, &listen, &routes);
+    let tests = tests_section::check(&mut cx, &tree.tests);
 
+    // Tests judge the routes; with a problem anywhere, some routes were left
+    // out, and their verdicts would only add noise.
+    if cx.problems.is_empty() {
+        tests_section::run(&mut cx, &tests, &routes, now);
+    }
     if !cx.problems.is_empty() {
         return Err(ConfigError { problems: cx.problems });
     }
@@ -207,7 +297,9 @@ pub fn validate(path: &Path, tree: &Tree) -> Result<Config, ConfigError> {
         log,
         control,
         access,
+        upstream,
         routes,
+        tests: tests.into_iter().map(|t| t.test).collect(),
     })
 }
 
@@ -372,5 +464,139 @@ mod tests {
             "p.toml:20:10: admin.listen 0.0.0.0:8022 uses port 8022 that portgate also listens on for routes; set [admin] listen to a port outside them",
         ];
         assert_eq!(p, expected, "{}", p.join("\n"));
+    }
+
+    /// Locations without the temporary directory.
+    fn short(p: &[String]) -> Vec<&str> {
+        p.iter().map(|l| l.find("p.toml:").map_or(l.as_str(), |i| &l[i..])).collect()
+    }
+
+    /// Keys added after v1 are not hashed when unused: the shipped
+    /// fixtures hash as they did before windows, tests and sources.
+    /// (`minimal.toml` leaves `[admin] listen` unset, so its hash moved once,
+    /// with the admin port's default: 9090 to 14090, see the README.)
+    #[test]
+    fn hashes_of_configs_without_the_new_keys_are_unchanged() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/valid");
+        let hash = |f: &str| load(&dir.join(f)).unwrap().hash();
+        assert_eq!(hash("full.toml"), "36d0ed031b0293a3ef06900650662152cfff4a96c17a1624da6eb93b6f12cb17");
+        assert_eq!(hash("minimal.toml"), "16fe0c36a543cf1b5a246bd16b503a4343f93774224fbe2a8b12d8425a8d034a");
+    }
+
+    #[test]
+    fn tests_do_not_change_the_hash_but_windows_and_sources_do() {
+        let a = load_str(MINIMAL).unwrap();
+        let test = "[[test]]\nport = 8022\nclient = \"10.9.9.9\"\nexpect = \"admit\"\nroute = \"a\"\n";
+        let with_test = load_str(&format!("{MINIMAL}{test}")).unwrap();
+        assert_eq!(with_test.tests.len(), 1);
+        assert_eq!(with_test.hash(), a.hash());
+        for extra in
+            ["not_after = \"2099-01-01T00:00:00Z\"\n", "max_session = \"8h\"\n", "source = [\"10.0.5.10\"]\n"]
+        {
+            let c = load_str(&format!("{MINIMAL}{extra}")).unwrap();
+            assert_ne!(c.hash(), a.hash(), "{extra}");
+        }
+        // One instant, two offsets: one hash.
+        let z = load_str(&format!("{MINIMAL}not_after = \"2099-01-01T00:00:00Z\"\n")).unwrap();
+        let jst = load_str(&format!("{MINIMAL}not_after = \"2099-01-01T09:00:00+09:00\"\n")).unwrap();
+        assert_eq!(z.hash(), jst.hash());
+        assert_eq!(z.routes[0].not_after, jst.routes[0].not_after);
+    }
+
+    #[test]
+    fn max_session_is_inherited_and_may_be_cancelled() {
+        let c = load_str(&format!(
+            "[timeouts]\nmax_session = \"8h\"\n{MINIMAL}[[route]]\nname = \"b\"\nport = 8023\ntarget = \"10.0.0.1:22\"\nmax_session = \"off\"\n\
+             [[route]]\nname = \"c\"\nport = 8024\ntarget = \"10.0.0.1:22\"\nmax_session = \"90m\"\n"
+        ))
+        .unwrap();
+        let h = Duration::from_secs(3600);
+        assert_eq!(c.timeouts.max_session, Some(8 * h));
+        let by = |n: &str| c.routes.iter().find(|r| r.name == n).unwrap().max_session;
+        assert_eq!((by("a"), by("b"), by("c")), (Some(8 * h), None, Some(h + h / 2)));
+    }
+
+    #[test]
+    fn windows_sessions_and_sources_are_validated_where_written() {
+        let p = problems(
+            "[timeouts]\nmax_session = \"0s\"\n\
+             [upstream]\nsource = [\"10.0.5.10\", \"10.0.5.10\", \"0.0.0.0\", \"10.0.5.0/24\"]\n\
+             [access]\nallow = [\"10.0.0.0/8\"]\n\
+             [[route]]\nname = \"a\"\nport = 1\ntarget = \"10.0.0.1:22\"\n\
+             not_before = \"2026-12-01T09:00:00\"\nnot_after = \"2026-12-01 25:00:00Z\"\nmax_session = \"8 fortnights\"\n\
+             [[route]]\nname = \"b\"\nport = 2\ntarget = \"10.0.0.1:22\"\n\
+             not_before = \"2026-12-01T18:00:00+09:00\"\nnot_after = \"2026-12-01T09:00:00Z\"\nsource = []\n\
+             [[route]]\nname = \"c\"\nport = 3\ntarget = \"[2001:db8::1]:22\"\nsource = [\"10.0.5.11\"]\n\
+             [upstream]\n",
+        );
+        // The doubled [upstream] is a TOML error: only that one is reported.
+        assert_eq!(p.len(), 1, "{p:?}");
+        let p = problems(
+            "[timeouts]\nmax_session = \"0s\"\n\
+             [upstream]\nsource = [\"10.0.5.10\", \"10.0.5.10\", \"0.0.0.0\", \"10.0.5.0/24\"]\n\
+             [access]\nallow = [\"10.0.0.0/8\"]\n\
+             [[route]]\nname = \"a\"\nport = 1\ntarget = \"10.0.0.1:22\"\n\
+             not_before = \"2026-12-01T09:00:00\"\nnot_after = \"2026-12-01 25:00:00Z\"\nmax_session = \"8 fortnights\"\n\
+             [[route]]\nname = \"b\"\nport = 2\ntarget = \"10.0.0.1:22\"\n\
+             not_before = \"2026-12-01T18:00:00+09:00\"\nnot_after = \"2026-12-01T09:00:00Z\"\nsource = []\n\
+             [[route]]\nname = \"c\"\nport = 3\ntarget = \"[2001:db8::1]:22\"\nsource = [\"10.0.5.11\"]\n\
+             [[route]]\nname = \"d\"\nport = 4\ntarget = \"[2001:db8::1]:22\"\n",
+        );
+        let expected = [
+            "p.toml:2:15: timeouts.max_session must be greater than 0, or \"off\"",
+            "p.toml:4:24: upstream.source: \"10.0.5.10\" is listed twice",
+            "p.toml:4:37: upstream.source: \"0.0.0.0\" is not a unicast address; list addresses of this host, like \"10.0.5.10\"",
+            "p.toml:4:48: upstream.source: \"10.0.5.0/24\" is not an IP address; list addresses of this host, like \"10.0.5.10\" or \"2001:db8::10\" (no port, no prefix length)",
+            "p.toml:11:14: route \"a\": not_before \"2026-12-01T09:00:00\" is not valid (the 'offset hour' component could not be parsed); expected an RFC 3339 time with its offset, like \"2026-12-01T09:00:00Z\" or \"2026-12-01T18:00:00+09:00\"",
+            "p.toml:12:13: route \"a\": not_after \"2026-12-01 25:00:00Z\" is not valid (hour was not in range); expected an RFC 3339 time with its offset, like \"2026-12-01T09:00:00Z\" or \"2026-12-01T18:00:00+09:00\"",
+            "p.toml:13:15: max_session: invalid duration \"8 fortnights\": expected a number with a unit, like \"500ms\", \"60s\" or \"5m\"",
+            "p.toml:19:13: route \"b\": not_after (2026-12-01T09:00:00Z) must be later than not_before (2026-12-01T09:00:00Z): the window [not_before, not_after) would admit no one",
+            "p.toml:20:10: route \"b\": source = [] lists no address; list local addresses to dial from, or remove the key to let the kernel choose",
+            "p.toml:25:10: route \"c\": target [2001:db8::1]:22 is IPv6, but its source lists no IPv6 address to dial it from; add one",
+            "p.toml:29:10: route \"d\": target [2001:db8::1]:22 is IPv6, but upstream.source lists no IPv6 address to dial it from; add one",
+        ];
+        assert_eq!(short(&p), expected, "{}", p.join("\n"));
+    }
+
+    #[test]
+    fn test_tables_are_validated_then_run_at_their_header() {
+        let p = problems(&format!(
+            "{MINIMAL}[[test]]\nport = 0\nclient = \"10.0.0.1:22\"\nendpoint = \"x\"\nat = \"soon\"\nexpect = \"maybe\"\n\
+             [[test]]\nexpect = \"reject\"\nroute = \"a\"\nreason = \"limit\"\n\
+             [[test]]\nport = 8022\nclient = \"10.0.0.1\"\nexpect = \"admit\"\nreason = \"no_route\"\n\
+             [[test]]\nport = 8022\nclient = \"10.0.0.1\"\nbogus = 1\n"
+        ));
+        // An unknown key is a TOML error of its own.
+        assert_eq!(short(&p), ["p.toml:25:1: unknown field `bogus`, expected one of `port`, `client`, `endpoint`, `at`, `expect`, `route`, `reason`"]);
+        let p = problems(&format!(
+            "{MINIMAL}[[test]]\nport = 0\nclient = \"10.0.0.1:22\"\nendpoint = \"x\"\nat = \"soon\"\nexpect = \"maybe\"\n\
+             [[test]]\nexpect = \"reject\"\nroute = \"a\"\nreason = \"limit\"\n\
+             [[test]]\nport = 8022\nclient = \"10.0.0.1\"\nexpect = \"admit\"\nreason = \"no_route\"\n"
+        ));
+        let expected = [
+            "p.toml:8:8: test: port 0 is not from 1 to 65535",
+            "p.toml:9:10: test: client \"10.0.0.1:22\" is not an IP address; write one like \"172.31.25.9\" or \"2001:db8::9\" (no port)",
+            "p.toml:10:12: test: endpoint \"x\" is not a VPC endpoint id like \"vpce-0a1b2c3d4e5f67890\"",
+            "p.toml:11:6: test: at \"soon\" is not valid (the 'year' component could not be parsed); expected an RFC 3339 time with its offset, like \"2026-12-01T09:00:00Z\" or \"2026-12-01T18:00:00+09:00\"",
+            "p.toml:12:10: test: expect \"maybe\": expected \"admit\" or \"reject\"",
+            "p.toml:13:1: test has no port; add port = 8022",
+            "p.toml:13:1: test has no client; add client = \"172.31.25.9\" (the client address, as a PROXY header gives it)",
+            "p.toml:15:9: test: route goes with expect = \"admit\"; for a refusal name the reason with reason = \"...\"",
+            "p.toml:16:10: test: reason \"limit\" cannot be tested (tests leave the PROXY header, limits and audit aside); expected one of \"no_route\", \"source_not_allowed\", \"endpoint_not_allowed\", \"outside_window\"",
+            "p.toml:21:10: test: reason goes with expect = \"reject\"; an admitted connection has none (name the route with route = \"...\")",
+        ];
+        assert_eq!(short(&p), expected, "{}", p.join("\n"));
+        // Valid tables, run: each failure at its [[test]] header line.
+        let p = problems(&format!(
+            "{MINIMAL}not_before = \"2030-01-01T00:00:00+09:00\"\n\
+             [[test]]\nport = 8022\nclient = \"10.0.0.1\"\nat = \"2030-01-01T00:00:00+09:00\"\nexpect = \"admit\"\nroute = \"a\"\n\
+             [[test]]\nport = 8022\nclient = \"10.0.0.1\"\nat = \"2029-12-31T14:59:59Z\"\nexpect = \"admit\"\nroute = \"a\"\n\
+             [[test]]\nport = 8022\nclient = \"11.0.0.1\"\nexpect = \"admit\"\n"
+        ));
+        let expected = [
+            "p.toml:14:1: test expects admit by route \"a\", got reject: outside_window",
+            "p.toml:20:1: test expects admit, got reject: source_not_allowed",
+        ];
+        assert_eq!(short(&p), expected, "{}", p.join("\n"));
     }
 }

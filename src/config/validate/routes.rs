@@ -1,7 +1,8 @@
 //! `[[route]]`: each route on its own, then the rules between routes.
 //!
 //! Owns the route syntax (names, ports, targets, `via`), the inheritance of
-//! `[access]` values, fail-closed admission (a route needs an allow rule),
+//! `[access]`, `[timeouts] max_session` and `[upstream] source` values,
+//! fail-closed admission (a route needs an allow rule), the access window,
 //! and uniqueness of names and routing keys. It must not build the routing
 //! table the listeners use (that is `routes.rs` at the crate root) nor
 //! resolve a target name: a `host:port` target is resolved at each connect.
@@ -10,6 +11,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
 use toml::Spanned;
@@ -32,6 +34,10 @@ pub(super) struct Inherited<'a> {
     /// `[access]`: the `allow`, `endpoints` and `max_connections` of a route
     /// that does not set its own.
     pub(super) access: &'a Access,
+    /// `[timeouts] max_session`, for a route without its own.
+    pub(super) max_session: Option<Duration>,
+    /// `[upstream] source`, for a route without its own.
+    pub(super) source: &'a [IpAddr],
 }
 
 /// Every route of the main file and the includes (`(file index, table)`),
@@ -82,12 +88,90 @@ fn route(cx: &mut Ctx, file: usize, table: &Spanned<RawRoute>, inherited: &Inher
     };
     let tenant = check_tenant(cx, &at, &r.tenant, &name);
     let ssh_user = check_ssh_user(cx, &at, &r.ssh_user);
+    let (not_before, not_after) = check_window(cx, &at, r);
+    let max_session = match &r.max_session {
+        None => inherited.max_session,
+        Some(v) => cx.off_or_positive(file, "max_session", v).unwrap_or(None),
+    };
+    let source = check_source(cx, &at, r, target.as_ref(), inherited.source);
 
     if cx.problems.len() != before || name.is_empty() || port == 0 {
         return None;
     }
     let (Some(target), Some(allow)) = (target, allow) else { return None };
-    Some(Route { name, port, via, target, tenant, allow, endpoints, max_connections, ssh_user })
+    Some(Route {
+        name,
+        port,
+        via,
+        target,
+        tenant,
+        allow,
+        endpoints,
+        max_connections,
+        ssh_user,
+        not_before,
+        not_after,
+        max_session,
+        source,
+    })
+}
+
+/// `not_before` and `not_after`: RFC 3339 with offset, and a window that
+/// is not empty. One that has already ended is valid (`check` warns).
+fn check_window(cx: &mut Ctx, at: &At, r: &RawRoute) -> (Option<SystemTime>, Option<SystemTime>) {
+    let who = &at.who;
+    let time = |cx: &mut Ctx, key: &str, v: &Option<Spanned<String>>| {
+        v.as_ref().and_then(|v| cx.instant(at.file, &format!("{who}: {key}"), v))
+    };
+    let not_before = time(cx, "not_before", &r.not_before);
+    let not_after = time(cx, "not_after", &r.not_after);
+    if let (Some(nb), Some(na), Some(raw)) = (not_before, not_after, &r.not_after) {
+        if na <= nb {
+            cx.err(
+                at.file,
+                raw.span(),
+                format!(
+                    "{who}: not_after ({}) must be later than not_before ({}): the window [not_before, not_after) would admit no one",
+                    crate::config::units::fmt_rfc3339(na),
+                    crate::config::units::fmt_rfc3339(nb)
+                ),
+            );
+        }
+    }
+    (not_before, not_after)
+}
+
+/// `source`, else `[upstream] source`; an IP-literal target needs an
+/// address of its own family in the list (a name is resolved at each
+/// connect, so its family is checked then).
+fn check_source(
+    cx: &mut Ctx,
+    at: &At,
+    r: &RawRoute,
+    target: Option<&Target>,
+    inherited: &[IpAddr],
+) -> Vec<IpAddr> {
+    let source = match &r.source {
+        Some(l) => cx.sources(at.file, &format!("{}: source", at.who), l).unwrap_or_default(),
+        None => inherited.to_vec(),
+    };
+    if let (Some(v4), false) = (target.and_then(Target::is_ipv4), source.is_empty()) {
+        if !source.iter().any(|a| a.is_ipv4() == v4) {
+            let family = if v4 { "IPv4" } else { "IPv6" };
+            let (span, whose) = match (&r.source, &r.target) {
+                (Some(l), _) => (l.span(), "its source"),
+                (None, Some(t)) => (t.span(), "upstream.source"),
+                (None, None) => (at.table.clone(), "upstream.source"),
+            };
+            let target = target.map(ToString::to_string).unwrap_or_default();
+            cx.err(
+                at.file,
+                span,
+                format!("{}: target {target} is {family}, but {whose} lists no {family} address to dial it from; add one", at.who),
+            );
+        }
+    }
+    source
 }
 
 /// `name`: required, `[A-Za-z0-9_.-]`, at most [`MAX_NAME_LEN`]; empty when missing.

@@ -1,15 +1,16 @@
 //! `[timeouts]`: how long to wait for a target, for a quiet session, and at
 //! shutdown and after a reload.
 //!
-//! Owns the rule that `connect` is positive and `idle` is positive or
-//! `"off"`. It must not start any timer; sessions, shutdown and reload read
+//! Owns the rule that `connect` is positive and `idle` and `max_session`
+//! are positive or `"off"`. It must not start any timer; sessions, shutdown and reload read
 //! what this returns.
 
 use std::time::Duration;
 
 use super::Ctx;
 use crate::config::defaults::{
-    DEFAULT_CONNECT, DEFAULT_DRAIN, DEFAULT_IDLE, DEFAULT_REVOKE_GRACE, DEFAULT_SHUTDOWN_DELAY,
+    DEFAULT_CONNECT, DEFAULT_DRAIN, DEFAULT_IDLE, DEFAULT_MAX_SESSION, DEFAULT_REVOKE_GRACE,
+    DEFAULT_SHUTDOWN_DELAY,
 };
 use crate::config::raw::RawTimeouts;
 use crate::config::Timeouts;
@@ -28,5 +29,9 @@ pub(super) fn check(cx: &mut Ctx, t: &RawTimeouts) -> Timeouts {
     let shutdown_delay = cx.duration(0, "timeouts.shutdown_delay", &t.shutdown_delay, DEFAULT_SHUTDOWN_DELAY);
     let drain = cx.duration(0, "timeouts.drain", &t.drain, DEFAULT_DRAIN);
     let revoke_grace = cx.duration(0, "timeouts.revoke_grace", &t.revoke_grace, DEFAULT_REVOKE_GRACE);
-    Timeouts { connect, idle, shutdown_delay, drain, revoke_grace }
+    let max_session = match &t.max_session {
+        None => DEFAULT_MAX_SESSION,
+        Some(v) => cx.off_or_positive(0, "timeouts.max_session", v).unwrap_or(DEFAULT_MAX_SESSION),
+    };
+    Timeouts { connect, idle, shutdown_delay, drain, revoke_grace, max_session }
 }
