@@ -17,6 +17,7 @@
 //! listeners and sessions learn of a new config, the end of the drain or a
 //! handover through [`state::NodeState`] and its registry only.
 
+pub(crate) mod deadlines;
 pub(crate) mod registry;
 mod reload;
 mod shutdown;
@@ -91,6 +92,8 @@ struct Node {
     log: LogControl,
     /// The binary an upgrade in place starts.
     exe: PathBuf,
+    /// Closes sessions at their route's `not_after` and `max_session`.
+    deadlines: deadlines::Deadlines,
 }
 
 impl Node {
@@ -149,7 +152,8 @@ impl Node {
             "portgate ready"
         );
         let exe = upgrade::installed_binary();
-        Ok(Node { state, listeners, admin, control, config_path, log, exe })
+        let deadlines = deadlines::Deadlines::spawn(Arc::clone(&state));
+        Ok(Node { state, listeners, admin, control, config_path, log, exe, deadlines })
     }
 
     /// One upgrade in place, answered to `reply` when asked over the

@@ -156,6 +156,7 @@ impl Node {
         let keepalive = new.keepalive.clone();
         let snap = Arc::new(Snapshot::new(new, &state.states));
         state.publish(Arc::clone(&snap));
+        self.deadlines.poke();
         self.listeners.commit(bound, &ports, &keepalive, &state).await;
         state.states.retain(&snap.config);
         if let Some(admin) = new_admin {

@@ -239,6 +239,7 @@ impl Node {
             "upgraded"
         );
         let exe = super::upgrade::installed_binary();
-        Ok(Node { state, listeners, admin, control, config_path, log, exe })
+        let deadlines = super::deadlines::Deadlines::spawn(Arc::clone(&state));
+        Ok(Node { state, listeners, admin, control, config_path, log, exe, deadlines })
     }
 }

@@ -285,18 +285,22 @@ async fn setup(
 }
 
 /// A session that registers while the node moves on: if the drain ended,
-/// or a reload published since its admission no longer admits it, it is
-/// asked to close at once. Those ends and this check both go through the
+/// a reload published since its admission no longer admits it, or its
+/// route's window ended while it dialed, it is asked to close at once. Those ends and this check both go through the
 /// registry's lock (the closer sets its flag, then walks the registry; the
 /// session inserts itself, then reads the flag), so a session is either
 /// walked over or sees the change here, never neither.
 fn catch_up(state: &NodeState, admitted_under: Subscription, entry: &Entry) {
     if state.is_closing() {
         entry.request_close(CloseReason::Shutdown);
-    } else if state.republished_since(admitted_under)
-        && !admission::still_admits(&state.snapshot(), &entry.route, &entry.info)
-    {
+        return;
+    }
+    let snap = state.snapshot();
+    if state.republished_since(admitted_under) && !admission::still_admits(&snap, &entry.route, &entry.info) {
         entry.request_close(CloseReason::Revoked);
+    } else if let Some(reason) = crate::node::deadlines::due(&snap, entry, std::time::SystemTime::now()) {
+        // The window ended while it dialed (the keeper's walk may have passed).
+        entry.request_close(reason);
     }
 }
 
