@@ -100,6 +100,8 @@ pub(crate) struct ListenerSet {
     keepalive: Option<Keepalive>,
     /// Shared by every accept loop: starvation is one episode per process.
     starvation: Arc<Starvation>,
+    /// Accepting is paused ([`ListenerSet::pause`]).
+    paused: bool,
 }
 
 impl ListenerSet {
@@ -172,6 +174,7 @@ impl ListenerSet {
     /// wait in the kernel's queue): an upgrade in place freezes the node's
     /// sessions after this, and its successor accepts from the same sockets.
     pub(crate) async fn pause(&mut self) {
+        self.paused = true;
         for r in self.running.values() {
             r.cancel.cancel();
         }
@@ -182,8 +185,12 @@ impl ListenerSet {
         }
     }
 
-    /// Accept again after [`ListenerSet::pause`] (the upgrade failed).
+    /// Accept again after [`ListenerSet::pause`] (the upgrade failed); a
+    /// no-op when not paused.
     pub(crate) fn resume(&mut self, state: &Arc<NodeState>) {
+        if !std::mem::take(&mut self.paused) {
+            return;
+        }
         let running = std::mem::take(&mut self.running);
         for (port, r) in running {
             self.running.insert(port, Running::start(port, r.listener, state, &self.starvation));

@@ -399,44 +399,6 @@ impl Target {
     }
 }
 
-impl Target {
-    /// Read back what [`fmt::Display`] wrote (a handover carries targets as
-    /// text); `None` for anything else.
-    pub(crate) fn from_shown(s: &str) -> Option<Target> {
-        if let Ok(a) = s.parse::<SocketAddr>() {
-            return Some(Target::Addr(a));
-        }
-        let (host, port) = s.rsplit_once(':')?;
-        let port = port.parse().ok().filter(|p| *p > 0)?;
-        (!host.is_empty()).then(|| Target::Name { host: host.to_owned(), port })
-    }
-}
-
-impl Route {
-    /// What is left of a route that a running session was admitted on and
-    /// the config serving now no longer has (a successor process got the
-    /// session from its predecessor): its identity and target, no rules, so
-    /// every admission check refuses it and the session is revoked after
-    /// `revoke_grace`, as a reload that removes the route would.
-    pub(crate) fn remnant(name: &str, tenant: &str, port: u16, via: Option<String>, target: Target) -> Route {
-        Route {
-            name: name.to_owned(),
-            port,
-            via,
-            target,
-            tenant: tenant.to_owned(),
-            allow: Vec::new(),
-            endpoints: Vec::new(),
-            max_connections: 0,
-            ssh_user: None,
-            not_before: None,
-            not_after: None,
-            max_session: None,
-            source: Vec::new(),
-        }
-    }
-}
-
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

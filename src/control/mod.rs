@@ -52,8 +52,12 @@ pub(crate) enum NodeRequest {
     /// `POST /reload`: reload like SIGHUP, and say how it went.
     Reload(oneshot::Sender<ReloadOutcome>),
     /// `POST /upgrade`: upgrade in place like SIGUSR2, and say how it went.
-    Upgrade(oneshot::Sender<crate::node::UpgradeOutcome>),
+    Upgrade(oneshot::Sender<UpgradeOutcome>),
 }
+
+/// How an upgrade in place ended, for `POST /upgrade`: the new process's
+/// pid and the sessions it took over, or why the old one keeps serving.
+pub(crate) type UpgradeOutcome = Result<(u32, usize), String>;
 
 /// How a reload ended, for SIGHUP's log and `POST /reload`'s answer alike.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,21 +16,8 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use super::half::{Half, Stage};
+use super::half::{FrozenHalf, Half};
 use super::{idle_timer, ByteSink, Forward, Side};
-
-/// One direction, stopped.
-#[derive(Debug)]
-pub(crate) struct FrozenHalf {
-    pub(crate) stage: Stage,
-    /// Bytes read from the source and not yet written (at most one buffer).
-    pub(crate) pending: Vec<u8>,
-    /// The splice pipe (read end, write end) and the bytes in it, when it
-    /// holds any; written on after `pending`.
-    pub(crate) pipe: Option<(OwnedFd, OwnedFd, u32)>,
-    /// Bytes written to the destination so far.
-    pub(crate) total: u64,
-}
 
 /// A whole forwarder, stopped: its sockets, both directions, and which
 /// side sent its FIN first.

@@ -17,7 +17,6 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::freeze::FrozenHalf;
 #[cfg(target_os = "linux")]
 use super::pipe;
 use super::pool::{give_buf, take_buf, Buf, BUF_SIZE};
@@ -39,6 +38,19 @@ pub(crate) enum Stage {
     Eof,
     /// FIN was passed on: this direction is finished and holds nothing.
     Shut,
+}
+
+/// One direction, stopped.
+#[derive(Debug)]
+pub(crate) struct FrozenHalf {
+    pub(crate) stage: Stage,
+    /// Bytes read from the source and not yet written (at most one buffer).
+    pub(crate) pending: Vec<u8>,
+    /// The splice pipe (read end, write end) and the bytes in it, when it
+    /// holds any; written on after `pending`.
+    pub(crate) pipe: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd, u32)>,
+    /// Bytes written to the destination so far.
+    pub(crate) total: u64,
 }
 
 /// How a direction moves bytes right now.

@@ -23,8 +23,8 @@ mod half;
 mod pipe;
 mod pool;
 
-pub(crate) use freeze::{Frozen, FrozenHalf};
-pub(crate) use half::Stage;
+pub(crate) use freeze::Frozen;
+pub(crate) use half::{FrozenHalf, Stage};
 
 use std::future::Future;
 use std::io;

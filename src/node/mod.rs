@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::AdminServer;
 use crate::config::Config;
-use crate::control::{ControlServer, NodeRequest};
+use crate::control::{ControlServer, NodeRequest, UpgradeOutcome};
 use crate::listener::{BindError, ListenerSet};
 use crate::logging::LogControl;
 use crate::metrics::Metrics;
@@ -192,10 +192,6 @@ impl Node {
         }
     }
 }
-
-/// How an upgrade in place ended, for `POST /upgrade`: the new process's
-/// pid and the sessions it took over, or why the old one keeps serving.
-pub(crate) type UpgradeOutcome = Result<(u32, usize), String>;
 
 /// What the event loop handles next.
 enum Event {

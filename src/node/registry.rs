@@ -94,6 +94,8 @@ struct CloseRequest {
 
 /// The request code of a handover (upgrade in place).
 const HANDOVER: u8 = u8::MAX;
+/// The session ended by itself: no request is taken any more.
+const FINISHED: u8 = u8::MAX - 1;
 
 /// What a session is asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,10 +252,20 @@ impl Entry {
         self.asked()
     }
 
+    /// For the session's own task, ending by itself: from now on requests
+    /// are refused (`request_*` return `false`). Returns what it was asked
+    /// before, if anything: a handover asked just now must be answered.
+    pub(crate) fn finish(&self) -> Option<Ask> {
+        match self.close.reason.compare_exchange(0, FINISHED, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => None,
+            Err(_) => self.asked(),
+        }
+    }
+
     /// What the session was asked, if anything.
     pub(crate) fn asked(&self) -> Option<Ask> {
         match self.close.reason.load(Ordering::SeqCst) {
-            0 => None,
+            0 | FINISHED => None,
             HANDOVER => Some(Ask::Handover),
             code => CloseReason::ALL.get(usize::from(code - 1)).copied().map(Ask::Close),
         }

@@ -103,13 +103,46 @@ async fn receive(chan: &Channel, by: Instant) -> Result<Inheritance, StartError>
     }
 }
 
+/// Read back a target as `Display` wrote it (a handover carries targets
+/// as text); `None` for anything else.
+fn target_from_shown(s: &str) -> Option<Target> {
+    if let Ok(a) = s.parse::<std::net::SocketAddr>() {
+        return Some(Target::Addr(a));
+    }
+    let (host, port) = s.rsplit_once(':')?;
+    let port = port.parse().ok().filter(|p| *p > 0)?;
+    (!host.is_empty()).then(|| Target::Name { host: host.to_owned(), port })
+}
+
+/// What is left of a route that a carried-on session was admitted on and
+/// the config serving now no longer has: its identity and target, no
+/// rules, so every admission check refuses it and the session is revoked
+/// after `revoke_grace`, as a reload that removes the route would.
+fn remnant(s: &wire::Session, target: Target) -> Route {
+    Route {
+        name: s.route.clone(),
+        port: s.port,
+        via: s.via.clone(),
+        target,
+        tenant: s.tenant.clone(),
+        allow: Vec::new(),
+        endpoints: Vec::new(),
+        max_connections: 0,
+        ssh_user: None,
+        not_before: None,
+        not_after: None,
+        max_session: None,
+        source: Vec::new(),
+    }
+}
+
 /// The route a carried-on session keeps: the config's route of that name
 /// when it still matches what the session was admitted on, else a copy
 /// with the session's own port, via, tenant and target (the listing and
 /// the revocation check judge what the session is), or a remnant when the
 /// config has no such route (revoked after `revoke_grace`).
 fn route_for(snap: &Snapshot, s: &wire::Session) -> Arc<Route> {
-    let target = Target::from_shown(&s.target);
+    let target = target_from_shown(&s.target);
     match snap.table.by_name(&s.route) {
         Some(e) => {
             let r = &e.route;
@@ -131,7 +164,7 @@ fn route_for(snap: &Snapshot, s: &wire::Session) -> Arc<Route> {
         }
         None => {
             let t = target.unwrap_or(Target::Name { host: s.target.clone(), port: s.port });
-            Arc::new(Route::remnant(&s.route, &s.tenant, s.port, s.via.clone(), t))
+            Arc::new(remnant(s, t))
         }
     }
 }

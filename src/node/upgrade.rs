@@ -19,7 +19,7 @@ use super::Node;
 use crate::session;
 use crate::systemd;
 use crate::upgrade::channel::{self, Channel, MAX_FDS};
-use crate::upgrade::handed::Handed;
+use crate::upgrade::handed::{Deposit, Handed};
 use crate::upgrade::wire::{self, ListenerKind, Message};
 use crate::upgrade::{convert, HANDOVER_ENV, SETUP_WAIT, TAKEOVER_LIMIT};
 
@@ -79,7 +79,7 @@ impl Node {
                 let why = stop(child, why).await;
                 // Everything carries on here.
                 for h in handed {
-                    if let Ok(frozen) = h.frozen {
+                    if let Deposit::Frozen(frozen) = h.frozen {
                         session::carry_on(&state, h.entry, frozen);
                     }
                 }
@@ -144,7 +144,10 @@ impl Node {
         while handed.len() < asked {
             match tokio::time::timeout_at(by, deposits.recv()).await {
                 Ok(Some(h)) => {
-                    let failed = h.frozen.as_ref().err().copied();
+                    let failed = match &h.frozen {
+                        Deposit::Failed(kind) => Some(*kind),
+                        _ => None,
+                    };
                     handed.push(h);
                     if let Some(kind) = failed {
                         return Err(format!("a session could not be frozen: {}", std::io::Error::from(kind)));
@@ -154,12 +157,13 @@ impl Node {
                 Err(_) => return Err(format!("only {} of {asked} sessions stopped in time", handed.len())),
             }
         }
+        let mut sessions = 0;
         for h in handed.iter() {
-            let Ok(frozen) = &h.frozen else { continue };
+            let Deposit::Frozen(frozen) = &h.frozen else { continue };
             let (msg, fds) = convert::to_wire(&h.entry, frozen);
             chan.send(&Message::Session(Box::new(msg)), &fds, by).await.map_err(said)?;
+            sessions += 1;
         }
-        let sessions = handed.len();
         let done = Message::Done {
             sessions: sessions as u32,
             next_id: state.registry.next_number(),
@@ -181,9 +185,17 @@ impl Node {
 }
 
 /// Kill a successor that has not taken over and reap it; `why`, with how
-/// it ended if it ended by itself.
+/// it ended if it ended by itself (its channel may close a moment before
+/// its exit status is there, so it gets that moment).
 async fn stop(mut child: Child, why: String) -> String {
-    let exited = child.try_wait().ok().flatten();
+    let mut exited = None;
+    for _ in 0..20 {
+        exited = child.try_wait().ok().flatten();
+        if exited.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let _ = child.kill();
     let reaped = tokio::task::spawn_blocking(move || child.wait()).await;
     match exited {

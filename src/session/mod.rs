@@ -48,6 +48,7 @@ use crate::node::state::{NodeState, SessionGuard, Snapshot, SourceSlot, Subscrip
 use crate::reason::{CloseReason, Reject};
 use crate::routes::RouteSlot;
 use crate::sockopt;
+use crate::upgrade::handed::Deposit;
 
 /// Serve one accepted connection to its end.
 ///
@@ -181,7 +182,7 @@ fn conclude(mut fwd: SessionForward, state: &Arc<NodeState>, ending: Ending) {
                 // Deregisters it and releases its slots; the peers see
                 // nothing (the frozen state holds duplicates of the sockets).
                 drop(fwd);
-                if let Err((entry, frozen)) = state.handover.deposit(entry, Ok(frozen)) {
+                if let Err((entry, frozen)) = state.handover.deposit(entry, Deposit::Frozen(frozen)) {
                     // Nobody collects any more (the upgrade ended meanwhile).
                     carry_on(state, entry, frozen);
                 }
@@ -190,7 +191,7 @@ fn conclude(mut fwd: SessionForward, state: &Arc<NodeState>, ending: Ending) {
             Err(e) => {
                 // Out of descriptors: tell the upgrade (it gives up and
                 // hands everything back), and end this one session here.
-                let _ = state.handover.deposit(fwd.sink().registration.shared(), Err(e.kind()));
+                let _ = state.handover.deposit(fwd.sink().registration.shared(), Deposit::Failed(e.kind()));
                 fwd.close_both();
                 (
                     CloseReason::Error,
@@ -201,6 +202,10 @@ fn conclude(mut fwd: SessionForward, state: &Arc<NodeState>, ending: Ending) {
     };
     let bytes = fwd.bytes();
     let entry = fwd.sink().registration.shared();
+    // A handover asked just as it ended is answered: nothing to hand over.
+    if entry.finish() == Some(Ask::Handover) {
+        let _ = state.handover.deposit(Arc::clone(&entry), Deposit::Ended);
+    }
     let elapsed = entry.opened.elapsed();
     let metrics = &fwd.sink().route_slot.state().metrics;
     metrics.session_duration.record(elapsed.as_secs_f64());

@@ -13,8 +13,15 @@ use tokio::sync::mpsc;
 use crate::forward::Frozen;
 use crate::node::registry::Entry;
 
-/// A session's frozen state, or why it could not be frozen.
-pub(crate) type Deposit = Result<Frozen, io::ErrorKind>;
+/// What a session asked to hand over answers.
+pub(crate) enum Deposit {
+    /// Its state, stopped.
+    Frozen(Frozen),
+    /// It ended by itself just as it was asked (nothing to hand over).
+    Ended,
+    /// It could not be frozen (out of descriptors).
+    Failed(io::ErrorKind),
+}
 
 /// One session, stopped for a handover.
 pub(crate) struct Handed {
@@ -56,8 +63,8 @@ impl Collector {
             None => Handed { entry, frozen },
         };
         match refused.frozen {
-            Ok(f) => Err((refused.entry, f)),
-            Err(_) => Ok(()),
+            Deposit::Frozen(f) => Err((refused.entry, f)),
+            Deposit::Ended | Deposit::Failed(_) => Ok(()),
         }
     }
 }
