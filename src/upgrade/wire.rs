@@ -248,10 +248,12 @@ pub fn decode(b: &[u8]) -> Result<Message, WireError> {
                 let what = r.u8()?;
                 let port = r.u16()?;
                 let path = r.str()?;
-                list.push(match what {
-                    0 => ListenerKind::Port(port),
-                    1 => ListenerKind::Admin,
-                    2 => ListenerKind::Control(path),
+                // One spelling per entry: fields a kind does not use are empty.
+                list.push(match (what, port, path.is_empty()) {
+                    (0, p, true) => ListenerKind::Port(p),
+                    (1, 0, true) => ListenerKind::Admin,
+                    (2, 0, false) => ListenerKind::Control(path),
+                    (0..=2, _, _) => return Err(WireError::Field("listener entry")),
                     _ => return Err(WireError::Field("listener kind")),
                 });
             }
