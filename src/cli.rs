@@ -162,6 +162,15 @@ pub fn check_summary(cfg: &Config) -> String {
         config::fmt_duration(cfg.keepalive.idle_timeout_limit)
     );
     let _ = writeln!(s, "  admin:     {}", cfg.admin.listen.map_or("off".to_string(), |a| a.to_string()));
+    let series = crate::metrics::series_count(cfg.routes.len(), cfg.metrics.histograms);
+    let _ = writeln!(
+        s,
+        "  metrics:   {series} series ({} histograms)",
+        match cfg.metrics.histograms {
+            crate::config::Histograms::Route => "per-route",
+            crate::config::Histograms::Node => "node-wide",
+        }
+    );
     let n = cfg.tests.len();
     let _ = writeln!(s, "  tests:     {n} test{} passed", if n == 1 { "" } else { "s" });
     let _ = writeln!(s, "  hash:      {}", cfg.hash());
@@ -172,7 +181,7 @@ pub fn check_summary(cfg: &Config) -> String {
 /// a route whose access window has already ended at `now` (a stale grant:
 /// it refuses everyone, and should be removed).
 pub fn check_warnings(cfg: &Config, now: SystemTime) -> Vec<String> {
-    cfg.ended_windows(now)
+    let mut w: Vec<String> = crate::config::policy::ended_windows(cfg, now)
         .into_iter()
         .map(|r| {
             let ended = r.not_after.map(units::fmt_rfc3339).unwrap_or_default();
@@ -181,7 +190,9 @@ pub fn check_warnings(cfg: &Config, now: SystemTime) -> Vec<String> {
                 r.name, r.port
             )
         })
-        .collect()
+        .collect();
+    w.extend(series_warning(cfg));
+    w
 }
 
 /// A route's access window for `routes`: `FROM..UNTIL`, an open end left
@@ -192,6 +203,26 @@ fn window(r: &Route) -> String {
         (None, None) => "-".into(),
         (nb, na) => format!("{}..{}", end(nb), end(na)),
     }
+}
+
+/// Above this many series a scrape gets heavy for any Prometheus.
+pub const SERIES_WARN: usize = 100_000;
+
+/// The warning for a config whose metrics would be heavy to scrape.
+fn series_warning(cfg: &Config) -> Option<String> {
+    let series = crate::metrics::series_count(cfg.routes.len(), cfg.metrics.histograms);
+    if series <= SERIES_WARN {
+        return None;
+    }
+    Some(if cfg.metrics.histograms == crate::config::Histograms::Route {
+        format!(
+            "warning: {series} metric series, above {SERIES_WARN}: most are the two per-route histograms; \
+             set [metrics] histograms = \"node\" to export {} instead",
+            crate::metrics::series_count(cfg.routes.len(), crate::config::Histograms::Node)
+        )
+    } else {
+        format!("warning: {series} metric series, above {SERIES_WARN} (per-route counters and gauges)")
+    })
 }
 
 /// The table `routes` prints.

@@ -19,7 +19,7 @@ use crate::metrics::{Metrics, RouteMetrics};
 
 /// Runtime state of a route, kept across reloads while its name exists.
 pub(crate) struct RouteState {
-    pub(crate) metrics: RouteMetrics,
+    pub(crate) metrics: Arc<RouteMetrics>,
     /// Sessions admitted on this route name and not yet ended.
     active: Arc<AtomicU32>,
 }
@@ -38,7 +38,7 @@ impl RouteState {
                 Err(actual) => cur = actual,
             }
         }
-        self.metrics.active.increment(1.0);
+        self.metrics.active.increment(1);
         Some(RouteSlot { state: Arc::clone(self) })
     }
 }
@@ -57,7 +57,7 @@ impl RouteSlot {
 impl Drop for RouteSlot {
     fn drop(&mut self) {
         self.state.active.fetch_sub(1, Ordering::AcqRel);
-        self.state.metrics.active.decrement(1.0);
+        self.state.metrics.active.decrement(1);
     }
 }
 
@@ -147,33 +147,26 @@ impl RouteStates {
     }
 
     /// Forget the state of routes that `config` no longer has. Sessions that
-    /// still run on them keep their own `Arc`.
+    /// still run on them keep their own `Arc` (and with it their series).
     pub(crate) fn retain(&self, config: &Config) {
+        let names: std::collections::HashSet<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
         let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|name, _| config.routes.iter().any(|r| &r.name == name));
+        map.retain(|name, _| names.contains(name.as_str()));
     }
 
-    /// If a route's tenant label changed, its metric series change too: drop
-    /// the old state so that `build` registers the new labels. Its session
-    /// count carries over.
+    /// If a route's tenant label changed, its series' label follows.
     pub(crate) fn refresh_labels(&self, config: &Config) {
-        let Some(metrics) = &self.metrics else { return };
-        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         for route in &config.routes {
-            if let Some(old) = map.get(&route.name) {
-                if old.metrics.tenant != route.tenant {
-                    let state = Arc::new(RouteState {
-                        metrics: metrics.route(&route.name, &route.tenant),
-                        active: Arc::clone(&old.active),
-                    });
-                    map.insert(route.name.clone(), state);
+            if let Some(state) = map.get(&route.name) {
+                if state.metrics.tenant() != route.tenant {
+                    state.metrics.set_tenant(&route.tenant);
                 }
             }
         }
     }
 }
 
-/// A route for unit tests, with every other field at its plain value.
 #[cfg(test)]
 pub(crate) fn test_route(
     name: &str,

@@ -134,6 +134,7 @@ impl Config {
                 max_per_source: DEFAULT_MAX_PER_SOURCE,
             },
             upstream: Upstream::default(),
+            metrics: crate::config::MetricsSettings::default(),
             routes: Vec::new(),
             tests: Vec::new(),
         }

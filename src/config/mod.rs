@@ -17,6 +17,7 @@
 //! SIGHUP reload all call [`load`] off to the side.
 
 pub(crate) mod defaults;
+mod metrics;
 pub(crate) mod policy;
 mod problem;
 pub(crate) mod raw;
@@ -24,6 +25,7 @@ pub mod render;
 pub mod units;
 pub(crate) mod validate;
 
+pub use metrics::{Histograms, MetricsSettings};
 pub use policy::{Expect, PolicyTest};
 pub use problem::{ConfigError, Problem};
 pub use units::fmt_duration;
@@ -69,6 +71,8 @@ pub struct Config {
     /// The `[upstream]` section as written. Routes already carry the
     /// source list they inherit from it.
     pub upstream: Upstream,
+    /// `[metrics]`: per-route or node-wide histograms.
+    pub metrics: MetricsSettings,
     /// Every route, sorted by `(port, via)`; the routing key is unique.
     /// `Arc` so the route table and the sessions of a route share one copy
     /// that outlives a reload.
@@ -420,13 +424,6 @@ impl Config {
                 ports
             }
         }
-    }
-
-    /// Routes whose access window has ended by `now` (`not_after <= now`):
-    /// stale grants, which `check` warns about. They are valid, and refuse
-    /// every connection.
-    pub fn ended_windows(&self, now: SystemTime) -> Vec<&Route> {
-        self.routes.iter().filter(|r| r.not_after.is_some_and(|t| t <= now)).map(|r| r.as_ref()).collect()
     }
 
     /// Every distinct egress source address of every route, for the start

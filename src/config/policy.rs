@@ -206,6 +206,13 @@ pub(crate) fn keys_of(routes: &[Arc<Route>]) -> RouteKeys<Arc<Route>> {
     keys
 }
 
+/// Routes of `cfg` whose access window has ended by `now` (`not_after <=
+/// now`): stale grants, which `check` warns about. They are valid, and
+/// refuse every connection.
+pub fn ended_windows(cfg: &super::Config, now: SystemTime) -> Vec<&Route> {
+    cfg.routes.iter().filter(|r| r.not_after.is_some_and(|t| t <= now)).map(|r| r.as_ref()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,6 +52,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub upstream: RawUpstream,
     #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
     pub route: Vec<Spanned<RawRoute>>,
     /// Policy tests; moved into [`Tree::tests`] with the included ones.
     #[serde(default)]
@@ -128,6 +130,14 @@ pub struct RawLog {
     pub queue_lines: Option<Spanned<i64>>,
     /// `"best_effort"` or `"required"`.
     pub audit: Option<Spanned<String>>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// `"route"` or `"node"`.
+    pub histograms: Option<Spanned<String>>,
 }
 
 /// `[control]`.

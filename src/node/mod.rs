@@ -227,7 +227,6 @@ pub async fn run(
     let background = CancellationToken::new();
     let status = Arc::clone(&state);
     systemd::spawn_watchdog(move || status.status_line(), background.clone());
-    crate::metrics::spawn_upkeep(Arc::clone(&state.metrics), background.clone());
 
     let mut pending = VecDeque::new();
     let handed = loop {

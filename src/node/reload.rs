@@ -96,11 +96,11 @@ impl Node {
         match &outcome {
             ReloadOutcome::Applied(_) => {
                 metrics.reloads_success.increment(1);
-                metrics.last_reload_success.set(1.0);
+                metrics.last_reload_success.set(1);
             }
             ReloadOutcome::Refused(problems) => {
                 metrics.reloads_failure.increment(1);
-                metrics.last_reload_success.set(0.0);
+                metrics.last_reload_success.set(0);
                 tracing::error!(
                     config = %self.config_path.display(),
                     reason = %problems.join("; "),
@@ -153,6 +153,7 @@ impl Node {
         }
         self.log.apply(&new.log.level, new.log.queue_lines);
         state.states.refresh_labels(&new);
+        state.metrics.set_histograms(new.metrics.histograms);
         let keepalive = new.keepalive.clone();
         let snap = Arc::new(Snapshot::new(new, &state.states));
         state.publish(Arc::clone(&snap));

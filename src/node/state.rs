@@ -90,9 +90,10 @@ pub(crate) struct NodeState {
 
 impl NodeState {
     pub(crate) fn new(config: Config, metrics: Arc<Metrics>) -> Arc<NodeState> {
+        metrics.set_histograms(config.metrics.histograms);
         let states = RouteStates::new(Arc::clone(&metrics));
         let snap = Arc::new(Snapshot::new(config, &states));
-        metrics.routes.set(snap.table.len() as f64);
+        metrics.routes.set(snap.table.len() as i64);
         metrics.set_config_hash(&snap.hash);
         Arc::new(NodeState {
             snapshot: ArcSwap::new(snap),
@@ -125,7 +126,7 @@ impl NodeState {
     /// Publish a new snapshot to new connections. (Running sessions are
     /// judged against it by the node, through the registry.)
     pub(crate) fn publish(&self, snap: Arc<Snapshot>) {
-        self.metrics.routes.set(snap.table.len() as f64);
+        self.metrics.routes.set(snap.table.len() as i64);
         self.metrics.set_config_hash(&snap.hash);
         self.snapshot.store(snap);
         self.generation.fetch_add(1, Ordering::SeqCst);

@@ -20,6 +20,7 @@ mod control;
 mod keepalive;
 mod listen;
 mod log;
+mod metrics;
 mod proxy_protocol;
 mod routes;
 mod tests_section;
@@ -267,6 +268,7 @@ pub fn validate(path: &Path, tree: &Tree, now: SystemTime) -> Result<Config, Con
     let control = control::check(&mut cx, path, &raw.control);
     let access = access::check(&mut cx, &raw.access, proxy_protocol.mode);
     let upstream = upstream::check(&mut cx, &raw.upstream);
+    let metrics = metrics::check(&mut cx, &raw.metrics);
     let inherited = routes::Inherited {
         ports: listen.ports,
         mode: proxy_protocol.mode,
@@ -298,6 +300,7 @@ pub fn validate(path: &Path, tree: &Tree, now: SystemTime) -> Result<Config, Con
         control,
         access,
         upstream,
+        metrics,
         routes,
         tests: tests.into_iter().map(|t| t.test).collect(),
     })
