@@ -133,7 +133,10 @@ fn eof_by(s: &mut TcpStream, who: &str, by: SystemTime) -> SystemTime {
     match s.read(&mut b) {
         Ok(0) => now(),
         Ok(n) => panic!("{who}: wanted EOF, got {n} bytes"),
-        Err(e) => panic!("{who}: wanted EOF by {:+.3} s from now, got {e}", secs(now(), by)),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            panic!("{who}: wanted EOF, still open when the wait ended")
+        }
+        Err(e) => panic!("{who}: wanted EOF, got {e}"),
     }
 }
 
@@ -390,4 +393,34 @@ fn max_session_closes_with_max_duration_a_routes_own_the_default_and_off() {
     let closed = pg
         .wait_log(|l| l.contains("\"message\":\"session closed\"") && l.contains("\"route\":\"off\""), SOON);
     assert_eq!(parse(&closed)["close"], "client_closed", "{closed}");
+}
+
+/// SPEC, "Windows and reload": a reload that moves a route's window so that
+/// a running session is outside it revokes that session after
+/// `revoke_grace` (`close=revoked`). Moving `not_after` into the past is
+/// such a move; the node instead closes the session at once as `expired`
+/// (the reload pokes the deadline keeper, which finds `not_after` passed),
+/// while the reload itself says `revoking 1`.
+#[test]
+#[ignore = "src diverges from SPEC (Windows and reload): closed at once as expired, not revoked after revoke_grace"]
+fn a_reload_moving_not_after_into_the_past_revokes_after_revoke_grace() {
+    let target = Target::new();
+    let port = free_port();
+    let route = |not_after: String| Route::new("grant", port, target.addr()).set("not_after", not_after);
+    let base = Config::loopback().set("timeouts", "revoke_grace", "1s");
+    let (text, _) = instant(now() + Duration::from_secs(3600), 0);
+    let pg = Portgate::start(base.clone().with(route(text)));
+    let (mut client, mut server) = open(port, &target);
+
+    let (past, _) = instant(now() - Duration::from_secs(60), 9 * 60);
+    pg.write_config(base.with(route(past)));
+    let reloaded = pg.reload();
+    assert_eq!(reloaded["message"], "config reloaded");
+    let closed = pg.wait_event("session closed", 1);
+    assert_eq!(closed["close"], "revoked", "{closed}");
+    let after = secs(logged_at(&reloaded), logged_at(&closed));
+    assert!(after >= 1.0, "closed {after:.3} s after the reload, before revoke_grace");
+    let by = now() + SOON;
+    eof_by(&mut client, "client", by);
+    eof_by(&mut server, "target", by);
 }
