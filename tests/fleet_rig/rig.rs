@@ -26,8 +26,9 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -88,6 +89,9 @@ fn reap_stale_namespaces() {
             let Some(rest) = name.strip_prefix(NS_PREFIX) else { continue };
             let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
             if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                // A node upgraded in place runs as the old process's child,
+                // without the parent-death signal: a killed run leaves it.
+                kill_netns_processes(&format!("{NETNS_DIR}/{name}"));
                 let _ = run("ip", &["netns", "del", &name]);
             }
         }
@@ -346,14 +350,78 @@ pub fn node_config(routes: &[(&str, u16, SocketAddr)], timeouts: &[(&str, &str)]
     c.to_string()
 }
 
-/// One portgate node in its namespace. Its directory (config, control
-/// socket) outlives restarts.
+/// Install the test's `portgate` binary at `dir/portgate` as `install(1)`
+/// does: a new file renamed into place, so a running process keeps its old
+/// inode and the next upgrade finds the new one.
+pub fn install_binary(dir: &Path) -> PathBuf {
+    let tmp = dir.join(".portgate.new");
+    std::fs::copy(BIN, &tmp).expect("copy the binary");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.join("portgate");
+    std::fs::rename(&tmp, &path).unwrap();
+    path
+}
+
+/// Processes whose network namespace is the one mounted at `ns_path`.
+fn pids_in_netns(ns_path: &str) -> Vec<i32> {
+    let Ok(ns) = std::fs::metadata(ns_path) else { return Vec::new() };
+    let Ok(proc_dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    proc_dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|m| (m.dev(), m.ino()) == (ns.dev(), ns.ino()))
+        })
+        .collect()
+}
+
+/// SIGKILL every process left in the namespace at `ns_path`, by pid.
+fn kill_netns_processes(ns_path: &str) -> Vec<i32> {
+    let pids = pids_in_netns(ns_path);
+    for &pid in &pids {
+        // SAFETY: kill(2) on a pid inside one of the rig's own namespaces.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    pids
+}
+
+/// Whether `pid` is gone or a zombie (dead, not yet reaped).
+pub fn is_dead(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// Make this test process the reaper of its orphaned descendants. A node's
+/// successor after an upgrade is a child of the old process; when that one
+/// exits the successor is reparented to us (not to init), so the rig can
+/// wait for it and no zombie or stray process outlives the test.
+fn become_subreaper() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: prctl(2) with an integer argument; affects only this process.
+        let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER: {}", std::io::Error::last_os_error());
+    });
+}
+
+/// One portgate node in its namespace, run from its own installed copy of
+/// the binary (`dir/portgate`), as a real node runs from
+/// `/usr/local/bin/portgate`. Its directory (binary, config, control socket)
+/// outlives restarts and upgrades.
 pub struct Node {
     pub idx: usize,
     ns_name: String,
     dir: tempfile::TempDir,
     pub config_path: PathBuf,
+    /// Where the node was started from: what an upgrade runs.
+    pub bin: PathBuf,
+    /// The process the rig spawned (the first of this run).
     child: Option<Child>,
+    /// The process serving now: the spawned one, or after an upgrade its
+    /// successor (reparented to this test process, see `become_subreaper`).
+    pid: i32,
     logs: Arc<LogBuf>,
     /// Logs of earlier runs (before a restart), for the dump on failure.
     old_logs: Vec<Arc<LogBuf>>,
@@ -361,16 +429,20 @@ pub struct Node {
 
 impl Node {
     pub fn start(lan: &Lan, idx: usize, config: &str) -> Node {
+        become_subreaper();
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("portgate.toml");
         std::fs::write(&config_path, config).unwrap();
+        let bin = install_binary(dir.path());
         let ns = &lan.nodes[idx - 1];
         let mut node = Node {
             idx,
             ns_name: ns.name.clone(),
             dir,
             config_path,
+            bin,
             child: None,
+            pid: 0,
             logs: Arc::new(LogBuf::default()),
             old_logs: Vec::new(),
         };
@@ -379,38 +451,56 @@ impl Node {
     }
 
     fn spawn(&mut self, ns: &Netns) {
-        let mut cmd = run_command(&self.config_path);
+        let mut cmd = run_command_from(&self.bin, &self.config_path);
         let mut child = ns.spawn_command(&mut cmd);
         let logs = LogBuf::capture(child.stderr.take().unwrap());
         let old = std::mem::replace(&mut self.logs, logs);
         if old.len() > 0 {
             self.old_logs.push(old);
         }
+        self.pid = child.id() as i32;
         self.child = Some(child);
         self.wait_log(|l| l.contains("portgate ready"), SOON);
     }
 
     /// Start the node again (after a kill or a drain), same config file.
     pub fn restart(&mut self, lan: &Lan) {
-        assert!(self.child.as_mut().unwrap().try_wait().unwrap().is_some(), "node {} still runs", self.idx);
+        assert!(self.try_reap(self.pid).is_some(), "node {} still runs", self.idx);
         self.spawn(&lan.nodes[self.idx - 1]);
     }
 
+    /// The pid serving now.
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
+        self.pid
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
+        // SAFETY: kill(2) on the node's process (our child, or its successor).
         let rc = unsafe { libc::kill(self.pid(), sig) };
         assert_eq!(rc, 0, "kill({sig}) node {}", self.idx);
     }
 
+    /// Reap `pid` if it has exited: the spawned child through its handle,
+    /// a successor (ours as the subreaper) with waitpid.
+    fn try_reap(&mut self, pid: i32) -> Option<std::process::ExitStatus> {
+        if let Some(child) = self.child.as_mut().filter(|c| c.id() as i32 == pid) {
+            return child.try_wait().unwrap();
+        }
+        let mut status = 0;
+        // SAFETY: waitpid(2) on one pid, without blocking.
+        match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
+            0 => None,
+            p if p == pid => Some(std::process::ExitStatus::from_raw(status)),
+            // Not our child (already reaped, or never reparented to us):
+            // dead is all we can tell.
+            _ => is_dead(pid).then(|| std::process::ExitStatus::from_raw(0)),
+        }
+    }
+
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut().unwrap();
         loop {
-            if let Some(st) = child.try_wait().unwrap() {
+            if let Some(st) = self.try_reap(self.pid) {
                 return st;
             }
             assert!(Instant::now() < deadline, "node {} did not exit within {timeout:?}", self.idx);
@@ -457,9 +547,31 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        // The process serving now (after an upgrade not the one spawned),
+        // then the spawned one, each by pid and reaped.
+        if self.try_reap(self.pid).is_none() {
+            // SAFETY: kill(2) on the node's own process, not yet reaped.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            let deadline = Instant::now() + SOON;
+            while self.try_reap(self.pid).is_none() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
         if let Some(child) = self.child.as_mut() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // Anything else still in the node's namespace (a successor the rig
+        // lost track of) is a rig bug: say so, and kill it by pid.
+        let stray = kill_netns_processes(&format!("{NETNS_DIR}/{}", self.ns_name));
+        if !stray.is_empty() {
+            eprintln!("warning: node {}: killed stray processes {stray:?} in {}", self.idx, self.ns_name);
+            for pid in stray {
+                let deadline = Instant::now() + SOON;
+                while self.try_reap(pid).is_none() && Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(5));
+                }
+            }
         }
         if thread::panicking() {
             let config = std::fs::read_to_string(&self.config_path).unwrap_or_default();
