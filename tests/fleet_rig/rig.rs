@@ -363,7 +363,7 @@ pub fn install_binary(dir: &Path) -> PathBuf {
 }
 
 /// Processes whose network namespace is the one mounted at `ns_path`.
-fn pids_in_netns(ns_path: &str) -> Vec<i32> {
+pub fn pids_in_netns(ns_path: &str) -> Vec<i32> {
     let Ok(ns) = std::fs::metadata(ns_path) else { return Vec::new() };
     let Ok(proc_dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     proc_dir
@@ -404,6 +404,16 @@ fn become_subreaper() {
         let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
         assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER: {}", std::io::Error::last_os_error());
     });
+}
+
+/// What a successful `portgate upgrade` did on a node.
+pub struct Upgraded {
+    pub old_pid: i32,
+    pub new_pid: i32,
+    /// How long `portgate upgrade` took.
+    pub took: Duration,
+    /// The new process's `upgraded` log line.
+    pub event: serde_json::Value,
 }
 
 /// One portgate node in its namespace, run from its own installed copy of
@@ -515,9 +525,61 @@ impl Node {
         std::fs::rename(&tmp, &self.config_path).unwrap();
     }
 
+    /// Install a fresh copy of the binary where the node was started from.
+    pub fn install_binary(&self) {
+        assert_eq!(install_binary(self.dir.path()), self.bin);
+    }
+
     /// `portgate reload -c CONFIG`, over the node's control socket.
     pub fn reload(&self) -> std::process::Output {
         Command::new(BIN).arg("reload").arg("-c").arg(&self.config_path).output().unwrap()
+    }
+
+    /// `portgate upgrade -c CONFIG`, over the node's control socket (a Unix
+    /// socket on the shared filesystem, so it runs from the test process,
+    /// in no namespace of the node's). On exit 0, waits for the new
+    /// process's `upgraded` line and the old one's `handed over` (which
+    /// names the successor), and for the old process to exit; the successor
+    /// is then the node's pid. Err with the command's output otherwise.
+    pub fn upgrade(&mut self) -> Result<Upgraded, String> {
+        let from = self.logs.len();
+        let old_pid = self.pid;
+        let t0 = Instant::now();
+        let out = Command::new(BIN)
+            .arg("upgrade")
+            .arg("-c")
+            .arg(&self.config_path)
+            .env_remove("RUNTIME_DIRECTORY")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let took = t0.elapsed();
+        if !out.status.success() {
+            return Err(format!(
+                "`portgate upgrade` on node {} exited {}: {}{}",
+                self.idx,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let handed = self.logs.wait_from(from, |l| l.contains("handed over to the new process"), 1, SOON);
+        let new_pid = parse(&handed)["pid"].as_i64().expect("handed over: pid") as i32;
+        // From here on the successor is the node, whatever else fails.
+        self.pid = new_pid;
+        let event = parse(&self.logs.wait_from(from, |l| l.contains("\"upgraded\""), 1, SOON));
+        let deadline = Instant::now() + SOON;
+        while self.try_reap(old_pid).is_none() {
+            assert!(Instant::now() < deadline, "node {}: the old process {old_pid} did not exit", self.idx);
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(Upgraded { old_pid, new_pid, took, event })
+    }
+
+    /// `GET /sessions` on the node's control socket.
+    pub fn sessions(&self) -> Vec<serde_json::Value> {
+        let socket = self.dir.path().join("control.sock");
+        crate::common::control::request_json(&socket, "GET", "/sessions").as_array().unwrap().clone()
     }
 
     pub fn wait_log(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
@@ -678,6 +740,21 @@ impl Haproxy {
             .unwrap_or(false)
     }
 
+    /// Node `i`'s row of `show stat`, by column name (`status`, `chkfail`:
+    /// checks failed while it was up, `chkdown`: UP to DOWN transitions).
+    pub fn server_stat(&self, i: usize) -> HashMap<String, String> {
+        let csv = self.command("show stat");
+        let mut lines = csv.lines();
+        let header: Vec<&str> =
+            lines.next().and_then(|h| h.strip_prefix("# ")).expect("show stat header").split(',').collect();
+        let name = format!("node{i}");
+        let row: Vec<&str> = lines
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .find(|f| f.first() == Some(&"fleet") && f.get(1) == Some(&name.as_str()))
+            .unwrap_or_else(|| panic!("no {name} in show stat:\n{csv}"));
+        header.iter().zip(row).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
     /// Wait until node `i` is UP (`up`) or DOWN; returns how long it took.
     pub fn wait_state(&self, i: usize, up: bool, timeout: Duration) -> Duration {
         let t0 = Instant::now();
@@ -817,6 +894,19 @@ impl Prometheus {
             return None;
         }
         result[0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// An instant query's whole result: (labels, value) per series.
+    pub fn query(&self, q: &str) -> Vec<(serde_json::Value, f64)> {
+        let Some(v) = self.get(&format!("/api/v1/query?query={}", urlencode(q))) else { return Vec::new() };
+        v["data"]["result"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .filter_map(|x| Some((x["metric"].clone(), x["value"][1].as_str()?.parse().ok()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Active alerts: (alertname, state, labels).
@@ -973,6 +1063,40 @@ pub fn one_echo(to: SocketAddr, data: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// `GET /readyz` on a node's admin port from the lan namespace (where
+/// HAProxy's checks come from) every 10 ms until stopped.
+pub struct ReadyWatch {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<(u64, Vec<String>)>,
+}
+
+impl ReadyWatch {
+    pub fn start(lan: &Lan, admin: SocketAddr) -> ReadyWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = lan.ns.spawn(move || {
+            let (mut polls, mut bad) = (0, Vec::new());
+            let t0 = Instant::now();
+            while !flag.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(120) {
+                polls += 1;
+                match http10_get(admin, "/readyz") {
+                    Some((200, _)) => {}
+                    other => bad.push(format!("at {:.3}s: {other:?}", t0.elapsed().as_secs_f64())),
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            (polls, bad)
+        });
+        ReadyWatch { stop, thread }
+    }
+
+    /// Stop; (answers, every one that was not 200).
+    pub fn stop(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 /// A long session through the balancer: opened with a token line, kept open.
 pub struct LongSession {
     pub token: String,
@@ -981,6 +1105,12 @@ pub struct LongSession {
 }
 
 impl LongSession {
+    /// The client address, as the node sees it (HAProxy's PROXY header
+    /// carries it) and lists it in `GET /sessions`.
+    pub fn client(&self) -> String {
+        self.stream.local_addr().unwrap().to_string()
+    }
+
     /// Whether the session still carries bytes both ways.
     pub fn alive(&mut self) -> bool {
         if self.stream.write_all(b".").is_err() {
