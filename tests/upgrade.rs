@@ -445,3 +445,39 @@ fn fifty_upgrades_under_traffic_leak_nothing() {
         node.sessions().iter().filter_map(|s| s["id"].as_str().map(str::to_owned)).collect();
     assert!(ids.len() >= 5);
 }
+
+/// The balancer's health check must never see the node unready across an
+/// upgrade: the new process answers `/readyz` (on the inherited admin
+/// socket) only as ready.
+#[test]
+fn readyz_answers_200_throughout_upgrades() {
+    let mut node = Node::start(echo_server(), &[]);
+    // Sessions to carry make the new process's start longer.
+    let _idle: Vec<TcpStream> = (0..50)
+        .map(|i| {
+            let mut s = connect(addr(node.port));
+            echo(&mut s, format!("idle {i}").as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (flag, admin) = (Arc::clone(&stop), node.admin);
+    let poller = thread::spawn(move || {
+        let (mut polls, mut bad) = (0u64, Vec::new());
+        while !flag.load(Ordering::SeqCst) && polls < 1_000_000 {
+            polls += 1;
+            let (code, body) = http_get(admin, "/readyz");
+            if code != 200 {
+                bad.push(format!("{code} {}", body.trim()));
+            }
+        }
+        (polls, bad)
+    });
+    for _ in 0..10 {
+        node.upgrade_ok();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (polls, bad) = poller.join().unwrap();
+    eprintln!("10 upgrades: /readyz answered {polls} times, {} not 200", bad.len());
+    assert!(bad.is_empty(), "/readyz not 200 across an upgrade: {bad:?}");
+}

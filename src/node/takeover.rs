@@ -224,6 +224,10 @@ impl Node {
 
         // Committed: this process serves everything from here on.
         listeners.commit(bound, &ports, &keepalive, &state).await;
+        // Ready before the admin socket is served: the balancer's health
+        // checks queued on it during the handover, and any after, must see
+        // 200, as they did from the old process (every listener is bound).
+        state.set_ready(true);
         let admin = match (admin_addr, got.admin.take()) {
             (Some(a), Some(l)) if l.local_addr().is_ok_and(|l| l == a) => Some(
                 AdminServer::inherit(l, Arc::clone(&state))
@@ -259,7 +263,6 @@ impl Node {
                 snap.config.timeouts.revoke_grace,
             ));
         }
-        state.set_ready(true);
         state.metrics.upgrades_success.increment(1);
         tracing::info!(
             from_version = %got.from_version,

@@ -225,7 +225,13 @@ impl Drop for Reaped {
 }
 
 pub fn run_command(config_path: &std::path::Path) -> Command {
-    let mut cmd = Command::new(BIN);
+    run_command_from(std::path::Path::new(BIN), config_path)
+}
+
+/// [`run_command`] with the binary at `bin` (an installed copy, for tests
+/// that upgrade in place).
+pub fn run_command_from(bin: &std::path::Path, config_path: &std::path::Path) -> Command {
+    let mut cmd = Command::new(bin);
     cmd.arg("run")
         .arg("-c")
         .arg(config_path)

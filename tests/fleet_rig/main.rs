@@ -14,6 +14,8 @@ mod common;
 mod protocols;
 mod rig;
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -119,6 +121,183 @@ fn rolling_route_change_node_by_node_drops_nothing_and_drift_alert_follows() {
         assert!(revoked.is_empty(), "node {} revoked sessions: {revoked:?}", node.idx);
     }
     drop((prom, haproxy));
+}
+
+/// client address -> (id, started) of the long sessions `node` lists in
+/// `GET /sessions`.
+fn listed(node: &Node, long: &[LongSession]) -> BTreeMap<String, (String, String)> {
+    let clients: Vec<String> = long.iter().map(LongSession::client).collect();
+    node.sessions()
+        .iter()
+        .filter_map(|s| {
+            let client = s["client"].as_str()?.to_owned();
+            clients.contains(&client).then(|| {
+                (
+                    client,
+                    (
+                        s["id"].as_str().unwrap_or("").to_owned(),
+                        s["started"].as_str().unwrap_or("").to_owned(),
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Scenario 2: a rolling upgrade in place, node by node. A fresh copy of
+/// the binary is installed where each node was started from, then
+/// `portgate upgrade`: the new process takes over the listeners and the
+/// running sessions, the old one exits. The balancer never sees a node
+/// unready, no connect fails, no session is cut, every session keeps its
+/// id, and the fleet runs one config hash throughout (no drift alert).
+#[test]
+fn rolling_upgrade_in_place_node_by_node_cuts_nothing_and_keeps_session_ids() {
+    if !have_rig(&[("prometheus", "prometheus")]) {
+        return;
+    }
+    let lan = Lan::new(NODES);
+    let echo = Echo::start(&lan, 9001);
+    let config = node_config(&[("echo", ECHO_PORT, echo.addr)], &[]);
+    let mut nodes: Vec<Node> = (1..=NODES).map(|i| Node::start(&lan, i, &config)).collect();
+    let haproxy = Haproxy::start(&lan, NODES);
+    let prom = Prometheus::start(&lan, NODES);
+    let hash = nodes[0].config_hash(&lan);
+    assert!(nodes.iter().all(|n| n.config_hash(&lan) == hash), "identical files, identical hashes");
+
+    let mut long = open_long_sessions(&lan, ECHO_PORT, &echo, LONG_SESSIONS);
+    assert_spread(&long);
+    let spread = per_node(&long);
+    let before: Vec<_> = nodes.iter().map(|n| listed(n, &long)).collect();
+    for (n, listed) in nodes.iter().zip(&before) {
+        assert_eq!(listed.len(), spread[n.idx - 1], "node {} does not list its long sessions", n.idx);
+    }
+    // Prometheus's own start fires PortgateTargetsMissing (no `up` series
+    // before the first scrape, `for` cut to 0s); the rollout starts from a
+    // quiet fleet.
+    prom.wait_until("no alert active", Duration::from_secs(30), |p| p.alerts().is_empty());
+    let load = Load::start(&lan, ECHO_PORT, 2);
+    load.wait_progress(50);
+
+    let rollout = Instant::now();
+    let mut pids = Vec::new();
+    let mut per_upgrade = Vec::new();
+    for node in nodes.iter_mut() {
+        let i = node.idx;
+        node.install_binary();
+        let ready = ReadyWatch::start(&lan, node.admin());
+        load.wait_progress(20);
+        let up = node.upgrade().unwrap_or_else(|e| panic!("{e}"));
+        // The upgraded node takes new sessions through the balancer.
+        let dialed = echo.connections_from(i);
+        let deadline = Instant::now() + SOON;
+        while echo.connections_from(i) == dialed {
+            assert!(Instant::now() < deadline, "node {i} takes no new sessions after its upgrade");
+            load.wait_progress(10);
+        }
+        load.wait_progress(50);
+        let (polls, not_ready) = ready.stop();
+
+        assert_ne!(up.new_pid, up.old_pid, "node {i}: the pid did not change");
+        assert_eq!(node.pid(), up.new_pid);
+        assert!(is_dead(up.old_pid), "node {i}: the old process {} still runs", up.old_pid);
+        assert!(!is_dead(up.new_pid), "node {i}: the new process {} does not run", up.new_pid);
+        assert_eq!(up.event["from_version"], up.event["to_version"], "{}", up.event);
+        let carried = up.event["sessions"].as_u64().expect("upgraded: sessions");
+        assert!(carried >= spread[i - 1] as u64, "node {i} carried {carried} sessions: {}", up.event);
+        assert!(not_ready.is_empty(), "node {i}: /readyz not 200 across its upgrade: {not_ready:?}");
+        assert!(haproxy.is_up(i), "HAProxy does not see node {i} UP after its upgrade");
+        assert_eq!(node.config_hash(&lan), hash, "node {i}: the config hash changed");
+        // As an operator would: the next node once Prometheus has scraped
+        // this one's new process (it counts one successful upgrade).
+        let instance = format!("{}:{ADMIN_PORT}", node_ip(i));
+        let scraped =
+            prom.wait_until(&format!("node {i}: one successful upgrade"), Duration::from_secs(30), |p| {
+                p.query_value(&format!(
+                    "portgate_upgrades_total{{result=\"success\",instance=\"{instance}\"}}"
+                )) == Some(1.0)
+            });
+        pids.extend([up.old_pid, up.new_pid]);
+        per_upgrade.push(format!(
+            "node {i} pid {} -> {} in {} ms, {carried} sessions carried, /readyz 200 x{polls}, \
+             Prometheus saw it {:.1}s later",
+            up.old_pid,
+            up.new_pid,
+            up.took.as_millis(),
+            scraped.as_secs_f64()
+        ));
+    }
+    load.wait_progress(100);
+    let (attempted, failures) = load.stop();
+    let window = format!("{}ms", rollout.elapsed().as_millis());
+
+    let cut = long.iter_mut().map(|s| s.alive()).filter(|alive| !alive).count();
+    let after: Vec<_> = nodes.iter().map(|n| listed(n, &long)).collect();
+    let clients: Vec<String> = long.iter().map(LongSession::client).collect();
+    let closed: Vec<_> = nodes
+        .iter()
+        .flat_map(|n| {
+            n.events(|v| {
+                v["message"] == "session closed" && clients.iter().any(|c| v["client"] == c.as_str())
+            })
+        })
+        .collect();
+    // HAProxy's view: no health check failed, no node ever went down.
+    let checks: Vec<(String, String, String)> = (1..=NODES)
+        .map(|i| {
+            let st = haproxy.server_stat(i);
+            (st["status"].clone(), st["chkfail"].clone(), st["chkdown"].clone())
+        })
+        .collect();
+    // Prometheus's view: one config hash at every scrape of the run, every
+    // node up at every scrape of the rollout, no alert (pending or firing)
+    // while the fleet was upgraded, and no failed upgrade.
+    let hashes = prom.query_value(
+        "max_over_time(count(count by (hash) (portgate_config_info{job=\"portgate\"}))[10m:1s])",
+    );
+    let up_min = prom.query_value(&format!("min(min_over_time(up{{job=\"portgate\"}}[{window}]))"));
+    let alerts = prom.query(&format!("count by (alertname) (count_over_time(ALERTS[{window}]))"));
+    let drift = prom.query("count_over_time(ALERTS{alertname=\"PortgateConfigDrift\"}[10m])");
+    let failed_upgrades = prom.query_value("sum(portgate_upgrades_total{result=\"failure\"})");
+    report(
+        "2 (rolling upgrade in place, portgate upgrade node by node)",
+        attempted,
+        failures.len(),
+        long.len(),
+        cut,
+        &format!(
+            "long sessions per node {spread:?}, same ids after; {}; HAProxy (status, chkfail, chkdown) per \
+             node {checks:?}; distinct config hashes at most {hashes:?}; alerts during the rollout ({window}) {}",
+            per_upgrade.join("; "),
+            alerts.len()
+        ),
+    );
+    assert!(failures.is_empty(), "failed connects during the upgrade: {failures:?}");
+    assert_eq!(cut, 0, "long sessions cut by the upgrade");
+    assert_eq!(after, before, "the long sessions' ids changed across the upgrade");
+    assert!(closed.is_empty(), "long sessions closed: {closed:?}");
+    for (i, (status, chkfail, chkdown)) in checks.iter().enumerate() {
+        assert_eq!(
+            (status.as_str(), chkfail.as_str(), chkdown.as_str()),
+            ("UP", "0", "0"),
+            "HAProxy saw node {} fail a check or go down",
+            i + 1
+        );
+    }
+    assert_eq!(hashes, Some(1.0), "the fleet ran more than one config hash");
+    assert_eq!(up_min, Some(1.0), "Prometheus failed to scrape a node during the rollout");
+    assert!(alerts.is_empty(), "alerts during the upgrade: {alerts:?}");
+    assert!(drift.is_empty(), "PortgateConfigDrift was pending or firing: {drift:?}");
+    assert_eq!(failed_upgrades, Some(0.0));
+
+    // Every process of the run, old and new, is gone once the nodes are.
+    drop((prom, haproxy));
+    drop(nodes);
+    for pid in pids {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "portgate process {pid} survived the rig");
+    }
+    for ns in &lan.nodes {
+        assert_eq!(pids_in_netns(&ns.path()), Vec::<i32>::new(), "processes left in {}", ns.name);
+    }
 }
 
 /// Scenario 3: drain one node. SIGTERM with `shutdown_delay` above the

@@ -26,8 +26,9 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -88,6 +89,9 @@ fn reap_stale_namespaces() {
             let Some(rest) = name.strip_prefix(NS_PREFIX) else { continue };
             let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
             if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                // A node upgraded in place runs as the old process's child,
+                // without the parent-death signal: a killed run leaves it.
+                kill_netns_processes(&format!("{NETNS_DIR}/{name}"));
                 let _ = run("ip", &["netns", "del", &name]);
             }
         }
@@ -346,14 +350,88 @@ pub fn node_config(routes: &[(&str, u16, SocketAddr)], timeouts: &[(&str, &str)]
     c.to_string()
 }
 
-/// One portgate node in its namespace. Its directory (config, control
-/// socket) outlives restarts.
+/// Install the test's `portgate` binary at `dir/portgate` as `install(1)`
+/// does: a new file renamed into place, so a running process keeps its old
+/// inode and the next upgrade finds the new one.
+pub fn install_binary(dir: &Path) -> PathBuf {
+    let tmp = dir.join(".portgate.new");
+    std::fs::copy(BIN, &tmp).expect("copy the binary");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.join("portgate");
+    std::fs::rename(&tmp, &path).unwrap();
+    path
+}
+
+/// Processes whose network namespace is the one mounted at `ns_path`.
+pub fn pids_in_netns(ns_path: &str) -> Vec<i32> {
+    let Ok(ns) = std::fs::metadata(ns_path) else { return Vec::new() };
+    let Ok(proc_dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    proc_dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|m| (m.dev(), m.ino()) == (ns.dev(), ns.ino()))
+        })
+        .collect()
+}
+
+/// SIGKILL every process left in the namespace at `ns_path`, by pid.
+fn kill_netns_processes(ns_path: &str) -> Vec<i32> {
+    let pids = pids_in_netns(ns_path);
+    for &pid in &pids {
+        // SAFETY: kill(2) on a pid inside one of the rig's own namespaces.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    pids
+}
+
+/// Whether `pid` is gone or a zombie (dead, not yet reaped).
+pub fn is_dead(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// Make this test process the reaper of its orphaned descendants. A node's
+/// successor after an upgrade is a child of the old process; when that one
+/// exits the successor is reparented to us (not to init), so the rig can
+/// wait for it and no zombie or stray process outlives the test.
+fn become_subreaper() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: prctl(2) with an integer argument; affects only this process.
+        let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        assert_eq!(rc, 0, "PR_SET_CHILD_SUBREAPER: {}", std::io::Error::last_os_error());
+    });
+}
+
+/// What a successful `portgate upgrade` did on a node.
+pub struct Upgraded {
+    pub old_pid: i32,
+    pub new_pid: i32,
+    /// How long `portgate upgrade` took.
+    pub took: Duration,
+    /// The new process's `upgraded` log line.
+    pub event: serde_json::Value,
+}
+
+/// One portgate node in its namespace, run from its own installed copy of
+/// the binary (`dir/portgate`), as a real node runs from
+/// `/usr/local/bin/portgate`. Its directory (binary, config, control socket)
+/// outlives restarts and upgrades.
 pub struct Node {
     pub idx: usize,
     ns_name: String,
     dir: tempfile::TempDir,
     pub config_path: PathBuf,
+    /// Where the node was started from: what an upgrade runs.
+    pub bin: PathBuf,
+    /// The process the rig spawned (the first of this run).
     child: Option<Child>,
+    /// The process serving now: the spawned one, or after an upgrade its
+    /// successor (reparented to this test process, see `become_subreaper`).
+    pid: i32,
     logs: Arc<LogBuf>,
     /// Logs of earlier runs (before a restart), for the dump on failure.
     old_logs: Vec<Arc<LogBuf>>,
@@ -361,16 +439,20 @@ pub struct Node {
 
 impl Node {
     pub fn start(lan: &Lan, idx: usize, config: &str) -> Node {
+        become_subreaper();
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("portgate.toml");
         std::fs::write(&config_path, config).unwrap();
+        let bin = install_binary(dir.path());
         let ns = &lan.nodes[idx - 1];
         let mut node = Node {
             idx,
             ns_name: ns.name.clone(),
             dir,
             config_path,
+            bin,
             child: None,
+            pid: 0,
             logs: Arc::new(LogBuf::default()),
             old_logs: Vec::new(),
         };
@@ -379,38 +461,56 @@ impl Node {
     }
 
     fn spawn(&mut self, ns: &Netns) {
-        let mut cmd = run_command(&self.config_path);
+        let mut cmd = run_command_from(&self.bin, &self.config_path);
         let mut child = ns.spawn_command(&mut cmd);
         let logs = LogBuf::capture(child.stderr.take().unwrap());
         let old = std::mem::replace(&mut self.logs, logs);
         if old.len() > 0 {
             self.old_logs.push(old);
         }
+        self.pid = child.id() as i32;
         self.child = Some(child);
         self.wait_log(|l| l.contains("portgate ready"), SOON);
     }
 
     /// Start the node again (after a kill or a drain), same config file.
     pub fn restart(&mut self, lan: &Lan) {
-        assert!(self.child.as_mut().unwrap().try_wait().unwrap().is_some(), "node {} still runs", self.idx);
+        assert!(self.try_reap(self.pid).is_some(), "node {} still runs", self.idx);
         self.spawn(&lan.nodes[self.idx - 1]);
     }
 
+    /// The pid serving now.
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
+        self.pid
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
+        // SAFETY: kill(2) on the node's process (our child, or its successor).
         let rc = unsafe { libc::kill(self.pid(), sig) };
         assert_eq!(rc, 0, "kill({sig}) node {}", self.idx);
     }
 
+    /// Reap `pid` if it has exited: the spawned child through its handle,
+    /// a successor (ours as the subreaper) with waitpid.
+    fn try_reap(&mut self, pid: i32) -> Option<std::process::ExitStatus> {
+        if let Some(child) = self.child.as_mut().filter(|c| c.id() as i32 == pid) {
+            return child.try_wait().unwrap();
+        }
+        let mut status = 0;
+        // SAFETY: waitpid(2) on one pid, without blocking.
+        match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
+            0 => None,
+            p if p == pid => Some(std::process::ExitStatus::from_raw(status)),
+            // Not our child (already reaped, or never reparented to us):
+            // dead is all we can tell.
+            _ => is_dead(pid).then(|| std::process::ExitStatus::from_raw(0)),
+        }
+    }
+
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut().unwrap();
         loop {
-            if let Some(st) = child.try_wait().unwrap() {
+            if let Some(st) = self.try_reap(self.pid) {
                 return st;
             }
             assert!(Instant::now() < deadline, "node {} did not exit within {timeout:?}", self.idx);
@@ -425,9 +525,61 @@ impl Node {
         std::fs::rename(&tmp, &self.config_path).unwrap();
     }
 
+    /// Install a fresh copy of the binary where the node was started from.
+    pub fn install_binary(&self) {
+        assert_eq!(install_binary(self.dir.path()), self.bin);
+    }
+
     /// `portgate reload -c CONFIG`, over the node's control socket.
     pub fn reload(&self) -> std::process::Output {
         Command::new(BIN).arg("reload").arg("-c").arg(&self.config_path).output().unwrap()
+    }
+
+    /// `portgate upgrade -c CONFIG`, over the node's control socket (a Unix
+    /// socket on the shared filesystem, so it runs from the test process,
+    /// in no namespace of the node's). On exit 0, waits for the new
+    /// process's `upgraded` line and the old one's `handed over` (which
+    /// names the successor), and for the old process to exit; the successor
+    /// is then the node's pid. Err with the command's output otherwise.
+    pub fn upgrade(&mut self) -> Result<Upgraded, String> {
+        let from = self.logs.len();
+        let old_pid = self.pid;
+        let t0 = Instant::now();
+        let out = Command::new(BIN)
+            .arg("upgrade")
+            .arg("-c")
+            .arg(&self.config_path)
+            .env_remove("RUNTIME_DIRECTORY")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let took = t0.elapsed();
+        if !out.status.success() {
+            return Err(format!(
+                "`portgate upgrade` on node {} exited {}: {}{}",
+                self.idx,
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let handed = self.logs.wait_from(from, |l| l.contains("handed over to the new process"), 1, SOON);
+        let new_pid = parse(&handed)["pid"].as_i64().expect("handed over: pid") as i32;
+        // From here on the successor is the node, whatever else fails.
+        self.pid = new_pid;
+        let event = parse(&self.logs.wait_from(from, |l| l.contains("\"upgraded\""), 1, SOON));
+        let deadline = Instant::now() + SOON;
+        while self.try_reap(old_pid).is_none() {
+            assert!(Instant::now() < deadline, "node {}: the old process {old_pid} did not exit", self.idx);
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(Upgraded { old_pid, new_pid, took, event })
+    }
+
+    /// `GET /sessions` on the node's control socket.
+    pub fn sessions(&self) -> Vec<serde_json::Value> {
+        let socket = self.dir.path().join("control.sock");
+        crate::common::control::request_json(&socket, "GET", "/sessions").as_array().unwrap().clone()
     }
 
     pub fn wait_log(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
@@ -457,9 +609,31 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        // The process serving now (after an upgrade not the one spawned),
+        // then the spawned one, each by pid and reaped.
+        if self.try_reap(self.pid).is_none() {
+            // SAFETY: kill(2) on the node's own process, not yet reaped.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            let deadline = Instant::now() + SOON;
+            while self.try_reap(self.pid).is_none() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
         if let Some(child) = self.child.as_mut() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // Anything else still in the node's namespace (a successor the rig
+        // lost track of) is a rig bug: say so, and kill it by pid.
+        let stray = kill_netns_processes(&format!("{NETNS_DIR}/{}", self.ns_name));
+        if !stray.is_empty() {
+            eprintln!("warning: node {}: killed stray processes {stray:?} in {}", self.idx, self.ns_name);
+            for pid in stray {
+                let deadline = Instant::now() + SOON;
+                while self.try_reap(pid).is_none() && Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(5));
+                }
+            }
         }
         if thread::panicking() {
             let config = std::fs::read_to_string(&self.config_path).unwrap_or_default();
@@ -564,6 +738,21 @@ impl Haproxy {
             .find(|f| f.get(3) == Some(&name.as_str()))
             .and_then(|f| f.get(5).map(|s| *s == "2"))
             .unwrap_or(false)
+    }
+
+    /// Node `i`'s row of `show stat`, by column name (`status`, `chkfail`:
+    /// checks failed while it was up, `chkdown`: UP to DOWN transitions).
+    pub fn server_stat(&self, i: usize) -> HashMap<String, String> {
+        let csv = self.command("show stat");
+        let mut lines = csv.lines();
+        let header: Vec<&str> =
+            lines.next().and_then(|h| h.strip_prefix("# ")).expect("show stat header").split(',').collect();
+        let name = format!("node{i}");
+        let row: Vec<&str> = lines
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .find(|f| f.first() == Some(&"fleet") && f.get(1) == Some(&name.as_str()))
+            .unwrap_or_else(|| panic!("no {name} in show stat:\n{csv}"));
+        header.iter().zip(row).map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     /// Wait until node `i` is UP (`up`) or DOWN; returns how long it took.
@@ -705,6 +894,19 @@ impl Prometheus {
             return None;
         }
         result[0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// An instant query's whole result: (labels, value) per series.
+    pub fn query(&self, q: &str) -> Vec<(serde_json::Value, f64)> {
+        let Some(v) = self.get(&format!("/api/v1/query?query={}", urlencode(q))) else { return Vec::new() };
+        v["data"]["result"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .filter_map(|x| Some((x["metric"].clone(), x["value"][1].as_str()?.parse().ok()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Active alerts: (alertname, state, labels).
@@ -861,6 +1063,40 @@ pub fn one_echo(to: SocketAddr, data: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// `GET /readyz` on a node's admin port from the lan namespace (where
+/// HAProxy's checks come from) every 10 ms until stopped.
+pub struct ReadyWatch {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<(u64, Vec<String>)>,
+}
+
+impl ReadyWatch {
+    pub fn start(lan: &Lan, admin: SocketAddr) -> ReadyWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = lan.ns.spawn(move || {
+            let (mut polls, mut bad) = (0, Vec::new());
+            let t0 = Instant::now();
+            while !flag.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(120) {
+                polls += 1;
+                match http10_get(admin, "/readyz") {
+                    Some((200, _)) => {}
+                    other => bad.push(format!("at {:.3}s: {other:?}", t0.elapsed().as_secs_f64())),
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            (polls, bad)
+        });
+        ReadyWatch { stop, thread }
+    }
+
+    /// Stop; (answers, every one that was not 200).
+    pub fn stop(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 /// A long session through the balancer: opened with a token line, kept open.
 pub struct LongSession {
     pub token: String,
@@ -869,6 +1105,12 @@ pub struct LongSession {
 }
 
 impl LongSession {
+    /// The client address, as the node sees it (HAProxy's PROXY header
+    /// carries it) and lists it in `GET /sessions`.
+    pub fn client(&self) -> String {
+        self.stream.local_addr().unwrap().to_string()
+    }
+
     /// Whether the session still carries bytes both ways.
     pub fn alive(&mut self) -> bool {
         if self.stream.write_all(b".").is_err() {
