@@ -69,10 +69,13 @@ async fn keep(state: Arc<NodeState>, poke: Arc<Notify>) {
     }
 }
 
-/// Why `e` must close now under `snap`, if it must.
+/// Why `e` must close now under `snap`, if it must. A window counts as
+/// ending here only if it ended while `snap` served: a reload that moves
+/// `not_after` into the past is an admission change, whose sessions are
+/// revoked after `revoke_grace` by the reload (SPEC "Windows and reload").
 pub(crate) fn due(snap: &Snapshot, e: &Entry, now: SystemTime) -> Option<CloseReason> {
     let route = &snap.table.by_name(&e.route.name)?.route;
-    if route.not_after.is_some_and(|end| end <= now) {
+    if route.not_after.is_some_and(|end| end <= now && end > snap.built) {
         return Some(CloseReason::Expired);
     }
     if route.max_session.is_some_and(|max| e.opened.elapsed() >= max) {

@@ -43,13 +43,17 @@ pub(crate) struct Snapshot {
     pub(crate) table: RouteTable,
     /// `portgate_config_info`'s hash, computed once per snapshot.
     pub(crate) hash: String,
+    /// When this snapshot was built (just before it is published): an
+    /// access window that ended before it was ended already when this
+    /// config came in.
+    pub(crate) built: std::time::SystemTime,
 }
 
 impl Snapshot {
     pub(crate) fn new(config: Config, states: &RouteStates) -> Snapshot {
         let table = RouteTable::build(&config, states);
         let hash = config.hash();
-        Snapshot { config: Arc::new(config), table, hash }
+        Snapshot { config: Arc::new(config), table, hash, built: std::time::SystemTime::now() }
     }
 }
 
