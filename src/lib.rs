@@ -33,14 +33,16 @@
 //! | [`control`] | the control socket's routes (`/sessions`, `POST /reload`), its file, and the command-line client |
 //! | [`logging`] | text/JSON logs through a bounded queue to a writer thread; `RUST_LOG` |
 //! | `systemd` | sd_notify and the watchdog |
+//! | [`sys`] | the system calls no crate wraps (the only `unsafe`) |
 //! | [`upgrade`] | upgrade in place: the handover `wire` format, its `channel`, where frozen sessions are `handed` |
 //! | [`ssh_config`] | rendering `ssh_config(5)` blocks |
 //!
 //! `main.rs` only parses arguments, calls into this crate and maps the result
 //! to an exit code. Only what `main.rs`, the integration tests, the fuzz
 //! targets and the benches need is public; everything else is `pub(crate)`.
-//! System calls go through `rustix` and `socket2`; the one `unsafe` block
-//! (`IP_BIND_ADDRESS_NO_PORT`, which neither wraps) is in `sockopt`.
+//! System calls go through `rustix` and `socket2`; the few that neither
+//! wraps (`IP_BIND_ADDRESS_NO_PORT`, glibc's `mallopt` and `malloc_trim`)
+//! are in [`sys`], the one file holding `unsafe`.
 
 mod admin;
 pub mod cli;
@@ -58,6 +60,7 @@ mod routes;
 mod session;
 mod sockopt;
 pub mod ssh_config;
+pub mod sys;
 mod systemd;
 pub mod upgrade;
 

@@ -209,6 +209,7 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
 const LOG_FLUSH_AT_EXIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn run(path: &Path) -> ExitCode {
+    portgate::sys::limit_heap_arenas();
     // Validate before binding anything.
     let Some(cfg) = load(path) else { return ExitCode::from(1) };
     let log = logging::init(cfg.log.format, &cfg.log.level, cfg.log.queue_lines);

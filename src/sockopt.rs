@@ -4,13 +4,12 @@
 //! A failed option is logged and the connection goes on: a session without
 //! keepalive is worse than one with it, but better than none. This module
 //! sets options and builds listeners; it must not dial or accept.
-//!
-//! It holds the crate's one `unsafe` block: `IP_BIND_ADDRESS_NO_PORT`, which
-//! neither rustix nor socket2 wraps, set through `libc::setsockopt`.
+//! `IP_BIND_ADDRESS_NO_PORT`, which neither rustix nor socket2 wraps, is
+//! set through `crate::sys`.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
@@ -86,7 +85,7 @@ pub(crate) fn bind_listener_with(addr: IpAddr, port: u16, ka: Option<&Keepalive>
 /// dials would (binding port 0 without it would reserve a port per socket
 /// across all destinations, and run out near 28,000 sessions).
 pub(crate) fn bind_source(socket: &tokio::net::TcpSocket, addr: IpAddr) -> io::Result<()> {
-    if let Err(e) = set_bind_address_no_port(socket.as_fd()) {
+    if let Err(e) = crate::sys::set_bind_address_no_port(socket.as_fd()) {
         warn_once_no_port(&e);
     }
     socket.bind(SocketAddr::new(addr, 0))
@@ -98,7 +97,7 @@ pub(crate) fn bind_source(socket: &tokio::net::TcpSocket, addr: IpAddr) -> io::R
 fn check_source(addr: IpAddr) -> io::Result<()> {
     let socket =
         Socket::new(Domain::for_address(SocketAddr::new(addr, 0)), Type::STREAM, Some(Protocol::TCP))?;
-    let _ = set_bind_address_no_port(socket.as_fd());
+    let _ = crate::sys::set_bind_address_no_port(socket.as_fd());
     socket.bind(&SocketAddr::new(addr, 0).into())
 }
 
@@ -125,27 +124,6 @@ pub(crate) fn check_sources(addrs: &[IpAddr]) -> Result<(), SourceBindError> {
         }
     }
     Ok(())
-}
-
-fn set_bind_address_no_port(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: `fd` is a socket descriptor borrowed for the call; the option
-    // value is a live c_int on the stack, and its exact size is passed, so
-    // the kernel reads only that int.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// A kernel without `IP_BIND_ADDRESS_NO_PORT` (before Linux 4.2) still

@@ -88,11 +88,29 @@ pub struct Metrics {
     /// one is rendered, so fleet drift queries never count a stale hash.
     config_hash: Mutex<String>,
     /// Every route's series, for rendering; pruned as routes go.
-    route_list: Mutex<Vec<Weak<RouteMetrics>>>,
+    route_list: Mutex<RouteList>,
     histograms: Mutex<Histograms>,
     /// The shared histograms of `histograms = "node"`.
     node_connect: Arc<Histogram>,
     node_session: Arc<Histogram>,
+}
+
+/// The routes' series, weakly held; dead entries are dropped when the list
+/// has doubled since the last pruning (amortised O(1) per route).
+#[derive(Default)]
+struct RouteList {
+    list: Vec<Weak<RouteMetrics>>,
+    prune_at: usize,
+}
+
+impl RouteList {
+    fn push(&mut self, m: &Arc<RouteMetrics>) {
+        if self.list.len() >= self.prune_at.max(64) {
+            self.list.retain(|w| w.strong_count() > 0);
+            self.prune_at = self.list.len() * 2;
+        }
+        self.list.push(Arc::downgrade(m));
+    }
 }
 
 /// The series of one route, resolved once.
@@ -192,13 +210,7 @@ impl Metrics {
             rejected: Default::default(),
             connect_errors: Default::default(),
         });
-        let mut list = self.route_list.lock().unwrap_or_else(|e| e.into_inner());
-        // Drop the dead once they are as many as the living, so the list
-        // stays within twice the routes however many reloads come.
-        if list.len() >= 64 && list.iter().filter(|w| w.strong_count() == 0).count() * 2 >= list.len() {
-            list.retain(|w| w.strong_count() > 0);
-        }
-        list.push(Arc::downgrade(&m));
+        self.route_list.lock().unwrap_or_else(|e| e.into_inner()).push(&m);
         m
     }
 
@@ -219,9 +231,10 @@ impl Metrics {
     }
 
     fn live_routes(&self) -> Vec<Arc<RouteMetrics>> {
-        let mut list = self.route_list.lock().unwrap_or_else(|e| e.into_inner());
-        list.retain(|w| w.strong_count() > 0);
-        list.iter().filter_map(Weak::upgrade).collect()
+        let mut routes = self.route_list.lock().unwrap_or_else(|e| e.into_inner());
+        routes.list.retain(|w| w.strong_count() > 0);
+        routes.prune_at = routes.list.len() * 2;
+        routes.list.iter().filter_map(Weak::upgrade).collect()
     }
 
     /// Count a rejection that has no route (`proxy_header`, `no_route`).

@@ -223,6 +223,8 @@ pub async fn run(
         None => Node::start(config, log, request_tx).await?,
     };
     let state = Arc::clone(&node.state);
+    // The config's parse tree is freed by now.
+    crate::sys::trim_heap();
     systemd::notify_ready(&state.status_line());
     let background = CancellationToken::new();
     let status = Arc::clone(&state);

@@ -109,6 +109,8 @@ impl Node {
             }
         }
         systemd::notify_ready(&self.state.status_line());
+        // The old route table and the parse tree are freed by now.
+        crate::sys::trim_heap();
         outcome
     }
 
