@@ -338,16 +338,28 @@ impl Kind {
                     Err("haproxy not installed (apt-get install haproxy)".into())
                 }
             }
-            Kind::Nginx => {
-                if !Path::new(NGINX).exists() {
-                    Err("nginx not installed (apt-get install nginx libnginx-mod-stream)".into())
-                } else if !Path::new(NGINX_STREAM).exists() {
-                    Err("nginx stream module missing (apt-get install libnginx-mod-stream)".into())
-                } else {
-                    Ok(())
-                }
-            }
+            Kind::Nginx => nginx_stream().map(|_| ()),
         }
+    }
+}
+
+/// How the nginx contender gets its stream module: `Ok(Some(line))` when it
+/// must be loaded (Debian builds it as a module, `libnginx-mod-stream`; the
+/// bench runs nginx with its own `-c` config, so /etc/nginx/modules-enabled
+/// does not apply), `Ok(None)` when this nginx has it built in.
+fn nginx_stream() -> Result<Option<String>, String> {
+    if !Path::new(NGINX).exists() {
+        return Err("nginx not installed (apt-get install nginx-light libnginx-mod-stream)".into());
+    }
+    if Path::new(NGINX_STREAM).exists() {
+        return Ok(Some(format!("load_module {NGINX_STREAM};\n")));
+    }
+    let out = Command::new(NGINX).arg("-V").output().map_err(|e| format!("nginx -V: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    if text.split_whitespace().any(|a| a == "--with-stream") {
+        Ok(None)
+    } else {
+        Err("nginx stream module missing (apt-get install libnginx-mod-stream)".into())
     }
 }
 
@@ -394,8 +406,12 @@ impl Proxy {
                 Some(spawn_wait_with(cmd, base, stderr))
             }
             Kind::Haproxy => {
+                // HAProxy sizes its descriptor limit as 2 x maxconn + 2 x maxpipes
+                // (maxconn / 4 by default) + listeners, and refuses to start above
+                // the hard limit (20,000 here): maxpipes 200 is far more than
+                // bulk's 8 connections hold, and idle sessions hold none.
                 let c = format!(
-                    "global\n  nbthread 1\n  maxconn 9500\n\n\
+                    "global\n  nbthread 1\n  maxconn 9500\n  maxpipes 200\n\n\
                      defaults\n  mode tcp\n  maxconn 9500\n  timeout connect 5s\n  \
                      timeout client 1h\n  timeout server 1h\n  option clitcpka\n  option srvtcpka\n  \
                      # option splice-auto   # off: see README\n\n\
@@ -410,8 +426,9 @@ impl Proxy {
                 Some(spawn_wait(cmd, base))
             }
             Kind::Nginx => {
+                let load = nginx_stream().expect("nginx checked by installed()").unwrap_or_default();
                 let mut c = format!(
-                    "load_module {NGINX_STREAM};\nworker_processes 1;\ndaemon off;\n\
+                    "{load}worker_processes 1;\ndaemon off;\n\
                      worker_rlimit_nofile 20000;\npid {}/nginx.pid;\nerror_log stderr warn;\n\
                      events {{ worker_connections 19000; }}\n\nstream {{\n",
                     dir.display()
