@@ -1,6 +1,7 @@
-//! Side-by-side benchmark: direct connection, portgate, HAProxy (TCP mode) and
-//! nginx (stream module), each proxy pinned to CPU 0 with `taskset -c 0`,
-//! this process (load generator and backends) pinned to CPU 1.
+//! Side-by-side benchmark: direct connection, portgate, HAProxy (TCP mode,
+//! with and without splice) and nginx (stream module), each
+//! proxy pinned to CPU 0 with `taskset -c 0`, this process (load generator
+//! and backends) pinned to CPU 1.
 //!
 //! ```sh
 //! cargo bench --bench compare                      # full run (~5-10 min)
@@ -10,9 +11,14 @@
 //!
 //! Flags: `--quick`; `--rounds N`; `--only LIST` where LIST is any of
 //! `bulk,latency,connrate,idle,reload`; `--contenders LIST` (any of
-//! `direct,portgate,portgate-log,haproxy,nginx`; `portgate-log` is portgate
-//! with session logging on at `info`, written to a file); `--idle-sessions N`
-//! (default 8000); `--secs S` (seconds per measurement).
+//! `direct,portgate,portgate-log,haproxy,haproxy-splice,nginx`;
+//! `portgate-log` is portgate with session logging on at `info`, written to a
+//! file; `haproxy-splice` is the haproxy contender with splice(2) on:
+//! `option splice-auto`, forced with `splice-request`/`splice-response`);
+//! `--idle-sessions N` (default 8000); `--secs S` (seconds per measurement).
+//!
+//! Ratios are portgate's median over the best median of the peers
+//! (haproxy, haproxy-splice, nginx) that ran.
 //!
 //! Every figure is the median of the rounds with the min-max spread; the
 //! contenders are interleaved (A B C D A B C D ...). Only 127.0.0.0/8 is used.
@@ -61,7 +67,15 @@ fn parse_opts() -> Opts {
         rounds: if quick { 2 } else { 5 },
         secs: if quick { 0.7 } else { 2.0 },
         only: vec!["bulk".into(), "latency".into(), "connrate".into(), "idle".into(), "reload".into()],
-        contenders: vec![Kind::Direct, Kind::Portgate, Kind::PortgateLog, Kind::Haproxy, Kind::Nginx],
+        contenders: vec![
+            Kind::Direct,
+            Kind::Portgate,
+            Kind::PortgateLog,
+            Kind::Haproxy,
+            Kind::HaproxySplice,
+            Kind::Nginx,
+        ],
+
         idle_n: if quick { 2000 } else { 8000 },
         mem_rounds: if quick { 1 } else { 3 },
         reload_rounds: if quick { 1 } else { 3 },
@@ -95,6 +109,7 @@ fn parse_opts() -> Opts {
                         "portgate" => Kind::Portgate,
                         "portgate-log" => Kind::PortgateLog,
                         "haproxy" => Kind::Haproxy,
+                        "haproxy-splice" => Kind::HaproxySplice,
                         "nginx" => Kind::Nginx,
                         other => panic!("unknown contender {other}"),
                     })
@@ -308,8 +323,14 @@ enum Kind {
     /// lines written to a file through the log queue.
     PortgateLog,
     Haproxy,
+    /// HAProxy with splicing on (`option splice-auto`, forced with
+    /// `splice-request` and `splice-response`), otherwise the same config.
+    HaproxySplice,
     Nginx,
 }
+
+/// The peers portgate's ratio is taken against (the best of those that ran).
+const PEERS: [Kind; 3] = [Kind::Haproxy, Kind::HaproxySplice, Kind::Nginx];
 
 impl Kind {
     fn name(self) -> &'static str {
@@ -318,6 +339,7 @@ impl Kind {
             Kind::Portgate => "portgate",
             Kind::PortgateLog => "portgate-log",
             Kind::Haproxy => "haproxy",
+            Kind::HaproxySplice => "haproxy-splice",
             Kind::Nginx => "nginx",
         }
     }
@@ -331,7 +353,7 @@ impl Kind {
                     Err(format!("{BIN} missing"))
                 }
             }
-            Kind::Haproxy => {
+            Kind::Haproxy | Kind::HaproxySplice => {
                 if Path::new(HAPROXY).exists() {
                     Ok(())
                 } else {
@@ -405,7 +427,18 @@ impl Proxy {
                 };
                 Some(spawn_wait_with(cmd, base, stderr))
             }
-            Kind::Haproxy => {
+            Kind::Haproxy | Kind::HaproxySplice => {
+                // The same config; only splicing differs. `option splice-auto`
+                // alone leaves it to HAProxy's heuristic, which on this loopback
+                // setup never splices (strace of HAProxy 2.6 under bulk: no
+                // splice(2) call, only recvfrom/sendto), so haproxy-splice also
+                // forces it both ways: splice-auto plus splice-request and
+                // splice-response.
+                let splice = if kind == Kind::HaproxySplice {
+                    "option splice-auto\n  option splice-request\n  option splice-response"
+                } else {
+                    "# option splice-auto   # off (HAProxy's default): see haproxy-splice"
+                };
                 // HAProxy sizes its descriptor limit as 2 x maxconn + 2 x maxpipes
                 // (maxconn / 4 by default) + listeners, and refuses to start above
                 // the hard limit (20,000 here): maxpipes 200 is far more than
@@ -414,7 +447,7 @@ impl Proxy {
                     "global\n  nbthread 1\n  maxconn 9500\n  maxpipes 200\n\n\
                      defaults\n  mode tcp\n  maxconn 9500\n  timeout connect 5s\n  \
                      timeout client 1h\n  timeout server 1h\n  option clitcpka\n  option srvtcpka\n  \
-                     # option splice-auto   # off: see README\n\n\
+                     {splice}\n\n\
                      frontend fe\n  bind 127.0.0.1:{base}-{last}\n  default_backend be\n\n\
                      backend be\n  server s1 127.0.0.1:+{off}\n",
                     off = backend - base
@@ -1104,7 +1137,7 @@ fn main() {
             });
         }
         let med = |k: Kind| per.get(&k).and_then(|v| stats(v)).map(|s| s.0);
-        let peers: Vec<f64> = [Kind::Haproxy, Kind::Nginx].iter().filter_map(|&k| med(k)).collect();
+        let peers: Vec<f64> = PEERS.iter().filter_map(|&k| med(k)).collect();
         let best = match r.better {
             Better::Higher => peers.iter().cloned().fold(f64::NAN, f64::max),
             Better::Lower => peers.iter().cloned().fold(f64::NAN, f64::min),
@@ -1203,7 +1236,7 @@ fn main() {
         cmd_version(NGINX, &["-v"])
     );
     println!(
-        "Run: {} rounds x {:.1} s per measurement{}; cells are median (min–max); ratio = portgate median ÷ best of haproxy/nginx",
+        "Run: {} rounds x {:.1} s per measurement{}; cells are median (min–max); ratio = portgate median ÷ best of haproxy/haproxy-splice/nginx",
         opts.rounds,
         opts.secs,
         if opts.quick { " (--quick)" } else { "" }
