@@ -21,7 +21,7 @@ use crate::metrics::{Metrics, RouteMetrics};
 pub(crate) struct RouteState {
     pub(crate) metrics: Arc<RouteMetrics>,
     /// Sessions admitted on this route name and not yet ended.
-    active: Arc<AtomicU32>,
+    active: AtomicU32,
 }
 
 impl RouteState {
@@ -141,7 +141,7 @@ impl RouteStates {
             Some(m) => m.route(&route.name, &route.tenant),
             None => Metrics::new().route(&route.name, &route.tenant),
         };
-        let state = Arc::new(RouteState { metrics, active: Arc::default() });
+        let state = Arc::new(RouteState { metrics, active: AtomicU32::new(0) });
         map.insert(route.name.clone(), Arc::clone(&state));
         state
     }

@@ -183,12 +183,11 @@ impl Metrics {
         m
     }
 
-    fn histograms_for(&self, mode: Histograms) -> (Arc<Histogram>, Arc<Histogram>) {
+    /// The shared histograms for `mode`; `None` means each route's own.
+    fn histograms_for(&self, mode: Histograms) -> (Option<Arc<Histogram>>, Option<Arc<Histogram>>) {
         match mode {
-            Histograms::Route => {
-                (Arc::new(Histogram::new(CONNECT_BUCKETS)), Arc::new(Histogram::new(SESSION_BUCKETS)))
-            }
-            Histograms::Node => (Arc::clone(&self.node_connect), Arc::clone(&self.node_session)),
+            Histograms::Route => (None, None),
+            Histograms::Node => (Some(Arc::clone(&self.node_connect)), Some(Arc::clone(&self.node_session))),
         }
     }
 
@@ -204,8 +203,8 @@ impl Metrics {
             active: Gauge::default(),
             bytes_to_target: Counter::default(),
             bytes_to_client: Counter::default(),
-            connect_duration: HistogramSlot::new(connect),
-            session_duration: HistogramSlot::new(session),
+            connect_duration: HistogramSlot::new(CONNECT_BUCKETS, connect),
+            session_duration: HistogramSlot::new(SESSION_BUCKETS, session),
             closed: Default::default(),
             rejected: Default::default(),
             connect_errors: Default::default(),

@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use super::{
     fd_usage, Histogram, Metrics, RouteMetrics, BUILD_INFO, BYTES, CONFIG_INFO, CONFIG_LAST_RELOAD_SUCCESS,
-    CONFIG_RELOADS, CONNECTIONS_ACCEPTED, CONNECTIONS_ACTIVE, CONNECTIONS_REJECTED, CONNECT_ERROR_KINDS,
-    HEALTH_CHECKS, LOG_LINES_DROPPED, MAX_FDS, OPEN_FDS, ROUTES, ROUTE_REJECTS, SESSIONS_CLOSED,
-    SESSION_DURATION, UPGRADES, UPSTREAM_CONNECT_DURATION, UPSTREAM_CONNECT_ERRORS,
+    CONFIG_RELOADS, CONNECTIONS_ACCEPTED, CONNECTIONS_ACTIVE, CONNECTIONS_REJECTED, CONNECT_BUCKETS,
+    CONNECT_ERROR_KINDS, HEALTH_CHECKS, LOG_LINES_DROPPED, MAX_FDS, OPEN_FDS, ROUTES, ROUTE_REJECTS,
+    SESSIONS_CLOSED, SESSION_BUCKETS, SESSION_DURATION, UPGRADES, UPSTREAM_CONNECT_DURATION,
+    UPSTREAM_CONNECT_ERRORS,
 };
 use crate::config::Histograms;
 use crate::reason::{CloseReason, Reject};
@@ -39,9 +40,13 @@ fn sample(out: &mut String, name: &str, route: &str, key: &str, value: &str, n: 
     let _ = writeln!(out, "{name}{{route=\"{route}\",{key}=\"{value}\"}} {n}");
 }
 
-fn histogram(out: &mut String, name: &str, route: &str, h: &Histogram) {
-    let (cumulative, sum, count) = h.read();
-    for (bound, n) in h.bounds().iter().zip(&cumulative) {
+/// A histogram's series; `None` is one not used yet (every bucket at 0).
+fn histogram(out: &mut String, name: &str, route: &str, bounds: &[f64], h: Option<&Histogram>) {
+    let (cumulative, sum, count) = match h {
+        Some(h) => h.read(),
+        None => (vec![0; bounds.len()], 0.0, 0),
+    };
+    for (bound, n) in bounds.iter().zip(&cumulative) {
         let _ = writeln!(out, "{name}_bucket{{route=\"{route}\",le=\"{bound}\"}} {n}");
     }
     let _ = writeln!(out, "{name}_bucket{{route=\"{route}\",le=\"+Inf\"}} {count}");
@@ -151,18 +156,20 @@ fn route_families(m: &Metrics, routes: &[Arc<RouteMetrics>], out: &mut String) {
         "Time to establish the target connection (successful dials).",
     );
     if per_node {
-        histogram(out, UPSTREAM_CONNECT_DURATION, "", &m.node_connect);
+        histogram(out, UPSTREAM_CONNECT_DURATION, "", CONNECT_BUCKETS, Some(&m.node_connect));
     } else {
         for r in routes {
-            histogram(out, UPSTREAM_CONNECT_DURATION, &r.name, &r.connect_duration.get());
+            let h = r.connect_duration.get();
+            histogram(out, UPSTREAM_CONNECT_DURATION, &r.name, CONNECT_BUCKETS, h.as_deref());
         }
     }
     head(out, SESSION_DURATION, "histogram", "Length of sessions that reached their target.");
     if per_node {
-        histogram(out, SESSION_DURATION, "", &m.node_session);
+        histogram(out, SESSION_DURATION, "", SESSION_BUCKETS, Some(&m.node_session));
     } else {
         for r in routes {
-            histogram(out, SESSION_DURATION, &r.name, &r.session_duration.get());
+            let h = r.session_duration.get();
+            histogram(out, SESSION_DURATION, &r.name, SESSION_BUCKETS, h.as_deref());
         }
     }
 }

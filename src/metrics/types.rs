@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -75,10 +75,6 @@ impl Histogram {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(super) fn bounds(&self) -> &'static [f64] {
-        self.bounds
-    }
-
     /// Cumulative bucket counts, the sum and the count, read now.
     pub(super) fn read(&self) -> (Vec<u64>, f64, u64) {
         let mut acc = 0;
@@ -95,25 +91,45 @@ impl Histogram {
 }
 
 /// Where a route records a histogram: its own, or the node's shared one
-/// (`[metrics] histograms = "node"`); switched by a reload.
+/// (`[metrics] histograms = "node"`); switched by a reload. A route's own
+/// histogram is allocated at its first sample (until then it renders as
+/// zeros), so the many routes of a large config that see no traffic cost
+/// no buckets.
 #[derive(Debug)]
-pub struct HistogramSlot(ArcSwap<Histogram>);
+pub struct HistogramSlot {
+    bounds: &'static [f64],
+    current: ArcSwapOption<Histogram>,
+}
 
 impl HistogramSlot {
-    pub(super) fn new(h: Arc<Histogram>) -> HistogramSlot {
-        HistogramSlot(ArcSwap::new(h))
+    /// A slot for a route's own histogram (allocated on first use), or the
+    /// node's shared one.
+    pub(super) fn new(bounds: &'static [f64], shared: Option<Arc<Histogram>>) -> HistogramSlot {
+        HistogramSlot { bounds, current: ArcSwapOption::new(shared) }
     }
 
     pub fn record(&self, v: f64) {
-        self.0.load().record(v);
+        if let Some(h) = self.current.load().as_ref() {
+            return h.record(v);
+        }
+        let own = Arc::new(Histogram::new(self.bounds));
+        // A racing first sample may have put one there meanwhile: use it.
+        let prev = self.current.compare_and_swap(&None::<Arc<Histogram>>, Some(Arc::clone(&own)));
+        match prev.as_ref() {
+            Some(h) => h.record(v),
+            None => own.record(v),
+        }
     }
 
-    pub(super) fn get(&self) -> Arc<Histogram> {
-        self.0.load_full()
+    /// What to render: the histogram, or `None` for one not used yet.
+    pub(super) fn get(&self) -> Option<Arc<Histogram>> {
+        self.current.load_full()
     }
 
-    pub(super) fn set(&self, h: Arc<Histogram>) {
-        self.0.store(h);
+    /// Point the slot at the node's shared histogram, or (`None`) back to
+    /// an own one, allocated on first use.
+    pub(super) fn set(&self, shared: Option<Arc<Histogram>>) {
+        self.current.store(shared);
     }
 }
 

@@ -140,6 +140,8 @@ impl Node {
         };
         listeners.commit(bound, &ports, &keepalive, &state).await;
         state.set_ready(true);
+        // The config's parse tree is freed by now: give its pages back.
+        crate::sys::trim_heap();
         let snap = state.snapshot();
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
@@ -223,8 +225,6 @@ pub async fn run(
         None => Node::start(config, log, request_tx).await?,
     };
     let state = Arc::clone(&node.state);
-    // The config's parse tree is freed by now.
-    crate::sys::trim_heap();
     systemd::notify_ready(&state.status_line());
     let background = CancellationToken::new();
     let status = Arc::clone(&state);

@@ -264,6 +264,7 @@ impl Node {
             ));
         }
         state.metrics.upgrades_success.increment(1);
+        crate::sys::trim_heap();
         tracing::info!(
             from_version = %got.from_version,
             to_version = %env!("CARGO_PKG_VERSION"),
