@@ -21,17 +21,6 @@ use common::control::{portgate_cmd, request_json};
 use common::*;
 use sha2::{Digest, Sha256};
 
-/// Install `BIN` at `dir/portgate` as `install(1)` does: a new file
-/// renamed into place, so a running process keeps its old inode.
-fn install(dir: &Path) -> PathBuf {
-    let tmp = dir.join(".portgate.new");
-    std::fs::copy(BIN, &tmp).expect("copy the binary");
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = dir.join("portgate");
-    std::fs::rename(&tmp, &path).unwrap();
-    path
-}
-
 /// Install a shell script at `dir/portgate` instead of the binary.
 fn install_script(dir: &Path, body: &str) {
     let tmp = dir.join(".portgate.new");
@@ -75,7 +64,7 @@ fn config_text(port: u16, target: SocketAddr, admin: SocketAddr) -> String {
 impl Node {
     fn start(target: SocketAddr, env: &[(&str, &str)]) -> Node {
         let dir = tempfile::tempdir().unwrap();
-        let bin = install(dir.path());
+        let bin = install_binary(dir.path());
         let port = free_port();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = dir.path().join("portgate.toml");
@@ -263,7 +252,7 @@ fn an_upgrade_cuts_nothing_and_loses_no_byte() {
     let old_pid = node.pid;
 
     // A fresh copy is installed over the running one, then the upgrade.
-    install(node.dir.path());
+    install_binary(node.dir.path());
     let from = node.logs.len();
     let new_pid = node.upgrade_ok();
     let written_at_upgrade: Vec<u64> = streams.iter().map(|s| s.written.load(Ordering::SeqCst)).collect();
@@ -382,7 +371,7 @@ fn a_binary_that_does_not_start_leaves_the_old_process_serving() {
 fn a_binary_that_cannot_read_the_handover_leaves_the_old_process_serving() {
     // The successor inherits this; it claims to read only version 2.
     let mut node = Node::start(echo_server(), &[("PORTGATE_HANDOVER_VERSIONS", "2")]);
-    fails_safely(&mut node, |n| drop(install(n.dir.path())), "reads handover versions [2]");
+    fails_safely(&mut node, |n| drop(install_binary(n.dir.path())), "reads handover versions [2]");
 }
 
 #[test]

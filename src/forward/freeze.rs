@@ -67,36 +67,11 @@ impl<S: ByteSink> Forward<S> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU64, Ordering};
-
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
 
     use super::*;
+    use crate::forward::tests::{pair, pattern, Counts};
     use crate::forward::End;
-
-    #[derive(Default)]
-    struct Counts(AtomicU64, AtomicU64);
-
-    impl ByteSink for Counts {
-        fn to_target(&self, n: u64) {
-            self.0.fetch_add(n, Ordering::Relaxed);
-        }
-        fn to_client(&self, n: u64) {
-            self.1.fetch_add(n, Ordering::Relaxed);
-        }
-    }
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (b, _) = l.accept().await.unwrap();
-        (a, b)
-    }
-
-    fn pattern(n: usize, seed: u8) -> Vec<u8> {
-        (0..n).map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed)).collect()
-    }
 
     /// Freeze and thaw a forwarder again and again while 8 MiB stream each
     /// way (the target reads slowly, so buffers and pipes hold bytes at the

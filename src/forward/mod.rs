@@ -273,8 +273,9 @@ mod tests {
         Outcome { end, bytes_to_target, bytes_to_client }
     }
 
+    /// Byte counts as a sink sees them (also used by `freeze.rs`'s tests).
     #[derive(Default)]
-    struct Counts(AtomicU64, AtomicU64);
+    pub(super) struct Counts(AtomicU64, AtomicU64);
 
     impl ByteSink for Counts {
         fn to_target(&self, n: u64) {
@@ -286,14 +287,14 @@ mod tests {
     }
 
     /// (outside end, proxy end) of one loopback connection.
-    async fn pair() -> (TcpStream, TcpStream) {
+    pub(super) async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (b, _) = l.accept().await.unwrap();
         (a, b)
     }
 
-    fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    pub(super) fn pattern(n: usize, seed: u8) -> Vec<u8> {
         (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
     }
 

@@ -364,9 +364,10 @@ impl Registry {
         self.lock().get(&id).cloned()
     }
 
-    /// How many running sessions satisfy `pred`.
+    /// How many running sessions satisfy `pred` (judged outside the lock).
     pub(crate) fn count(&self, pred: impl Fn(&Entry) -> bool) -> usize {
-        self.select(pred).len()
+        let all: Vec<Arc<Entry>> = self.lock().values().cloned().collect();
+        all.iter().filter(|e| pred(e)).count()
     }
 
     /// Ask every session that satisfies `pred` to close for `reason`;

@@ -538,3 +538,16 @@ pub fn proc_status_kib(pid: i32, key: &str) -> u64 {
 pub fn open_fds(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
 }
+
+/// Install the test's `portgate` binary at `dir/portgate` as `install(1)`
+/// does: a new file renamed into place, so a running process keeps its old
+/// inode and the next upgrade finds the new one.
+pub fn install_binary(dir: &std::path::Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = dir.join(".portgate.new");
+    std::fs::copy(BIN, &tmp).expect("copy the binary");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.join("portgate");
+    std::fs::rename(&tmp, &path).unwrap();
+    path
+}

@@ -26,7 +26,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -348,18 +348,6 @@ pub fn node_config(routes: &[(&str, u16, SocketAddr)], timeouts: &[(&str, &str)]
         c = c.route(name, *port, target);
     }
     c.to_string()
-}
-
-/// Install the test's `portgate` binary at `dir/portgate` as `install(1)`
-/// does: a new file renamed into place, so a running process keeps its old
-/// inode and the next upgrade finds the new one.
-pub fn install_binary(dir: &Path) -> PathBuf {
-    let tmp = dir.join(".portgate.new");
-    std::fs::copy(BIN, &tmp).expect("copy the binary");
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = dir.join("portgate");
-    std::fs::rename(&tmp, &path).unwrap();
-    path
 }
 
 /// Processes whose network namespace is the one mounted at `ns_path`.
