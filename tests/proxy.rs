@@ -512,6 +512,65 @@ fn text_log_format_has_the_fields() {
     assert!(!line.contains("portgate::"), "module path must not be printed: {line}");
 }
 
+/// Splits a logfmt line's `key=value` pairs (values bare or quoted with
+/// `\"` and `\\` escapes); the line's head (time, level, message) is what
+/// comes before the first pair.
+fn logfmt_pairs(line: &str) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    let mut rest = line;
+    while let Some(eq) = rest.find('=') {
+        let key = rest[..eq].rsplit(' ').next().unwrap_or("").to_string();
+        let after = &rest[eq + 1..];
+        let (value, tail) = if let Some(quoted) = after.strip_prefix('"') {
+            let mut v = String::new();
+            let mut chars = quoted.char_indices();
+            let mut end = quoted.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => v.extend(chars.next().map(|(_, c)| c)),
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => v.push(c),
+                }
+            }
+            (v, &quoted[end..])
+        } else {
+            let end = after.find(' ').unwrap_or(after.len());
+            (after[..end].to_string(), &after[end..])
+        };
+        pairs.push((key, value));
+        rest = tail;
+    }
+    pairs
+}
+
+#[test]
+fn text_log_values_with_spaces_or_quotes_are_quoted_so_the_line_parses() {
+    let echo = echo_server();
+    let port = free_port();
+    let tenant = r#"acme "blue" = prod"#;
+    let pg = Portgate::start(
+        Config::loopback()
+            .set("log", "format", "text")
+            .with(Route::new("txt", port, echo).set("tenant", tenant)),
+    );
+    assert_eq!(roundtrip(connect(addr(port)), b"abc"), b"abc");
+    let line = pg.wait_log(|l| l.contains("session closed"), SOON);
+    assert!(line.contains(" INFO session closed "), "{line}");
+    let pairs = logfmt_pairs(&line);
+    let get = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    assert_eq!(get("tenant"), Some(tenant), "{line}");
+    assert_eq!(get("route"), Some("txt"), "{line}");
+    assert_eq!(get("close"), Some("client_closed"), "{line}");
+    assert_eq!(get("bytes_to_client"), Some("3"), "{line}");
+    let keys: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+    for k in ["id", "port", "client", "peer", "endpoint", "target", "bytes_to_target", "duration_ms"] {
+        assert!(keys.contains(&k), "{k} missing in: {line}");
+    }
+}
+
 /// `ss` lines for established sockets matching `filter`.
 fn ss(filter: &str) -> String {
     let out = std::process::Command::new("ss")

@@ -7,11 +7,25 @@
 use std::time::Duration;
 
 use super::addr::ConnInfo;
-use crate::config::Route;
+use crate::config::{Route, Target};
+use crate::logging::Addr;
 use crate::metrics::Metrics;
 use crate::node::registry::{Entry, SessionId};
 use crate::reason::{CloseReason, Reject};
 use crate::routes::RouteEntry;
+
+/// A target in a log line: a literal address is written by the logger's
+/// own address formatter (the connection path's common case).
+struct TargetField<'a>(&'a Target);
+
+impl std::fmt::Display for TargetField<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Target::Addr(a) => Addr(*a).fmt(f),
+            other => other.fmt(f),
+        }
+    }
+}
 
 /// Count and log one refused connection.
 pub(super) fn rejected(
@@ -29,8 +43,8 @@ pub(super) fn rejected(
     tracing::info!(
         port = info.port,
         route = %route,
-        client = %info.client.0,
-        peer = %info.peer.0,
+        client = %Addr(info.client.0),
+        peer = %Addr(info.peer.0),
         endpoint = %info.endpoint.as_deref().unwrap_or("-"),
         reason = %reason.as_str(),
         detail = %detail,
@@ -46,10 +60,10 @@ pub(super) fn opened(e: &Entry) {
         route = %e.route.name,
         tenant = %e.route.tenant,
         port = e.info.port,
-        client = %e.info.client.0,
-        peer = %e.info.peer.0,
+        client = %Addr(e.info.client.0),
+        peer = %Addr(e.info.peer.0),
         endpoint = %e.info.endpoint.as_deref().unwrap_or("-"),
-        target = %e.route.target,
+        target = %TargetField(&e.route.target),
         "session opened"
     );
 }
@@ -79,10 +93,10 @@ impl SessionEnd<'_> {
             route = %self.route.name,
             tenant = %self.route.tenant,
             port = self.info.port,
-            client = %self.info.client.0,
-            peer = %self.info.peer.0,
+            client = %Addr(self.info.client.0),
+            peer = %Addr(self.info.peer.0),
             endpoint = %self.info.endpoint.as_deref().unwrap_or("-"),
-            target = %self.route.target,
+            target = %TargetField(&self.route.target),
             bytes_to_target = self.bytes.0,
             bytes_to_client = self.bytes.1,
             duration_ms = self.elapsed.as_millis() as u64,
