@@ -144,31 +144,45 @@ fn echo(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A stream both ways through an echo target: `total` bytes written in
-/// paced chunks by one thread, read back and hashed by another.
+/// A stream both ways through an echo target: paced 16 KiB chunks written
+/// by one thread, read back and hashed by another. It writes at least
+/// `min_total` bytes and goes on while `keep_going` is set (the upgrade
+/// test clears it once the upgrade is done, so a slow machine cannot let
+/// the stream end before the upgrade), at most [`STREAM_MAX`].
 struct Stream {
     writer: thread::JoinHandle<[u8; 32]>,
     reader: thread::JoinHandle<[u8; 32]>,
     written: Arc<AtomicU64>,
-    total: u64,
+    /// Whether the writer is done (it half-closed).
+    ended: Arc<AtomicBool>,
 }
 
-fn stream(port: u16, total: usize, seed: u64) -> Stream {
+/// The most a stream writes, whatever `keep_going` says (bounds the loop).
+const STREAM_MAX: usize = 256 << 20;
+const CHUNK: usize = 16 * 1024;
+
+fn stream(port: u16, min_total: usize, seed: u64, keep_going: Arc<AtomicBool>) -> Stream {
     let s = connect(addr(port));
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut w = s.try_clone().unwrap();
     let mut r = s;
     let written = Arc::new(AtomicU64::new(0));
-    let counter = Arc::clone(&written);
-    let data = pattern(total, seed);
+    let ended = Arc::new(AtomicBool::new(false));
+    let (counter, done) = (Arc::clone(&written), Arc::clone(&ended));
     let writer = thread::spawn(move || {
         let mut h = Sha256::new();
-        for chunk in data.chunks(16 * 1024) {
-            w.write_all(chunk).expect("stream write");
-            h.update(chunk);
+        let mut sent = 0;
+        let mut i = 0u64;
+        while sent < STREAM_MAX && (sent < min_total || keep_going.load(Ordering::SeqCst)) {
+            let chunk = pattern(CHUNK, seed.wrapping_mul(1_000_003).wrapping_add(i));
+            i += 1;
+            w.write_all(&chunk).expect("stream write");
+            h.update(&chunk);
+            sent += chunk.len();
             counter.fetch_add(chunk.len() as u64, Ordering::SeqCst);
             thread::sleep(Duration::from_millis(2));
         }
+        done.store(true, Ordering::SeqCst);
         w.shutdown(std::net::Shutdown::Write).unwrap();
         h.finalize().into()
     });
@@ -184,7 +198,7 @@ fn stream(port: u16, total: usize, seed: u64) -> Stream {
         }
         h.finalize().into()
     });
-    Stream { writer, reader, written, total: total as u64 }
+    Stream { writer, reader, written, ended }
 }
 
 /// Connects (and exchanges a few bytes) in a loop until `stop`; counts
@@ -237,7 +251,9 @@ fn an_upgrade_cuts_nothing_and_loses_no_byte() {
             s
         })
         .collect();
-    let streams: Vec<Stream> = (0..4).map(|i| stream(node.port, 6 << 20, 100 + i)).collect();
+    let keep_going = Arc::new(AtomicBool::new(true));
+    let streams: Vec<Stream> =
+        (0..4).map(|i| stream(node.port, 1 << 20, 100 + i, Arc::clone(&keep_going))).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let looper = connect_loop(node.port, Arc::clone(&stop), 100_000);
     // Every stream is under way before the upgrade.
@@ -255,7 +271,16 @@ fn an_upgrade_cuts_nothing_and_loses_no_byte() {
     install_binary(node.dir.path());
     let from = node.logs.len();
     let new_pid = node.upgrade_ok();
+    let ended_at_upgrade: Vec<bool> = streams.iter().map(|s| s.ended.load(Ordering::SeqCst)).collect();
     let written_at_upgrade: Vec<u64> = streams.iter().map(|s| s.written.load(Ordering::SeqCst)).collect();
+    // Each stream carries on for another 1 MiB through the new process, then ends.
+    let goal: Vec<u64> = written_at_upgrade.iter().map(|w| w + (1 << 20)).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while streams.iter().zip(&goal).any(|(s, g)| s.written.load(Ordering::SeqCst) < *g) {
+        assert!(Instant::now() < deadline, "the streams stalled after the upgrade");
+        thread::sleep(Duration::from_millis(5));
+    }
+    keep_going.store(false, Ordering::SeqCst);
     let upgraded = parse(&node.logs.wait_from(from, |l| l.contains("\"upgraded\""), 1, SOON));
     assert!(upgraded["sessions"].as_u64().unwrap() >= 24, "{upgraded}");
     assert_eq!(upgraded["from_version"], upgraded["to_version"]);
@@ -287,7 +312,7 @@ fn an_upgrade_cuts_nothing_and_loses_no_byte() {
 
     // Every stream arrives byte-exact.
     for (i, s) in streams.into_iter().enumerate() {
-        assert!(written_at_upgrade[i] < s.total, "stream {i} had ended before the upgrade");
+        assert!(!ended_at_upgrade[i], "stream {i} had ended before the upgrade");
         let sent = s.writer.join().expect("a stream's writer failed");
         let got = s.reader.join().expect("a stream's reader failed");
         assert_eq!(got, sent, "stream {i} is not byte-exact across the upgrade");
@@ -319,7 +344,7 @@ fn fails_safely(node: &mut Node, break_it: impl FnOnce(&Node), says: &str) {
             s
         })
         .collect();
-    let s = stream(node.port, 2 << 20, 7);
+    let s = stream(node.port, 2 << 20, 7, Arc::new(AtomicBool::new(false)));
     let pid = node.pid;
     break_it(node);
     let started = Instant::now();

@@ -225,9 +225,14 @@ impl Half {
     }
 
     /// Drive this direction as far as it goes without blocking. Returns
-    /// whether any progress was made, or the error.
+    /// whether any progress was made, or the error. `last`: the other
+    /// direction is done, so this one's end is the session's: its FIN is
+    /// left to the close that follows (the socket's receive side has
+    /// reached EOF, so close sends FIN, not RST), one `shutdown` fewer per
+    /// session.
     pub(super) fn poll(
         &mut self,
+        last: bool,
         cx: &mut Context<'_>,
         src: &TcpStream,
         dst: &TcpStream,
@@ -278,7 +283,9 @@ impl Half {
                     self.release_if_empty();
                     // ENOTCONN here means the peer is already gone; the other
                     // direction will report it.
-                    let _ = SockRef::from(dst).shutdown(Shutdown::Write);
+                    if !last {
+                        let _ = SockRef::from(dst).shutdown(Shutdown::Write);
+                    }
                     self.stage = Stage::Shut;
                     return Ok(true);
                 }

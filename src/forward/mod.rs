@@ -200,7 +200,7 @@ impl<S: ByteSink + Unpin> Future for Forward<S> {
 
         if !this.c2t.done() {
             let was_open = this.c2t.stage == Stage::Open;
-            match this.c2t.poll(cx, &this.client, &this.target, &|n| sink.to_target(n)) {
+            match this.c2t.poll(this.t2c.done(), cx, &this.client, &this.target, &|n| sink.to_target(n)) {
                 Ok(p) => progress |= p,
                 Err(e) => return Poll::Ready(this.fail(Side::Client, e)),
             }
@@ -210,7 +210,7 @@ impl<S: ByteSink + Unpin> Future for Forward<S> {
         }
         if !this.t2c.done() {
             let was_open = this.t2c.stage == Stage::Open;
-            match this.t2c.poll(cx, &this.target, &this.client, &|n| sink.to_client(n)) {
+            match this.t2c.poll(this.c2t.done(), cx, &this.target, &this.client, &|n| sink.to_client(n)) {
                 Ok(p) => progress |= p,
                 Err(e) => return Poll::Ready(this.fail(Side::Target, e)),
             }

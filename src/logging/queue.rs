@@ -29,6 +29,8 @@ struct Inner {
     /// The writer lets a batch gather: a push that fills half the queue
     /// wakes it.
     lingering: bool,
+    /// A line that must not wait for the linger is queued.
+    urgent: bool,
     /// Callers waiting in [`LogQueue::flush`]: the writer wakes them when
     /// the queue empties.
     flushers: usize,
@@ -58,6 +60,7 @@ impl LogQueue {
                 writing: false,
                 idle: false,
                 lingering: false,
+                urgent: false,
                 flushers: 0,
             }),
             cv: Condvar::new(),
@@ -74,8 +77,9 @@ impl LogQueue {
 
     /// Queue one formatted line, or drop and count it. Never blocks on the
     /// sink: the lock is held only to copy the line in, and the writer is
-    /// woken only when it waits for a first line or half the queue is full.
-    pub(super) fn push(&self, line: &[u8]) {
+    /// woken only when it waits for a first line, half the queue is full or
+    /// the line is `urgent` (not to be held back by the linger).
+    pub(super) fn push(&self, line: &[u8], urgent: bool) {
         let cap = self.capacity.load(Ordering::Relaxed);
         let mut q = self.lock();
         if q.lines >= cap {
@@ -91,8 +95,9 @@ impl LogQueue {
         }
         q.bytes.extend_from_slice(line);
         q.lines += 1;
+        q.urgent |= urgent;
         self.full.store(q.lines >= cap, Ordering::Relaxed);
-        let wake = q.idle || (q.lingering && q.lines >= cap.div_ceil(2));
+        let wake = q.idle || (q.lingering && (urgent || q.lines >= cap.div_ceil(2)));
         drop(q);
         if wake {
             self.cv.notify_all();
@@ -117,7 +122,7 @@ impl LogQueue {
                     q.idle = false;
                 }
                 let cap = self.capacity.load(Ordering::Relaxed);
-                if q.lines < cap.div_ceil(2) && q.flushers == 0 {
+                if q.lines < cap.div_ceil(2) && q.flushers == 0 && !q.urgent {
                     // Any wake (half full, a flush) ends the wait early.
                     q.lingering = true;
                     q = self.cv.wait_timeout(q, LINGER).unwrap_or_else(|e| e.into_inner()).0;
@@ -127,6 +132,7 @@ impl LogQueue {
                 // "empty and idle" while lines are in hand.
                 std::mem::swap(&mut batch, &mut q.bytes);
                 q.lines = 0;
+                q.urgent = false;
                 q.writing = true;
                 self.full.store(false, Ordering::Relaxed);
             }
@@ -205,12 +211,12 @@ mod tests {
         // The writer takes line 0 and blocks on the sink; 4 more fill the
         // queue; the next 3 are dropped, and pushing never blocks.
         let start = Instant::now();
-        q.push(b"line 0\n");
+        q.push(b"line 0\n", true);
         while !q.lock().writing {
             std::thread::yield_now();
         }
         for i in 1..8 {
-            q.push(format!("line {i}\n").as_bytes());
+            q.push(format!("line {i}\n").as_bytes(), false);
         }
         assert!(start.elapsed() < Duration::from_secs(1), "push waited for the sink");
         assert_eq!(q.dropped_total.load(Ordering::Relaxed), 3);
@@ -219,7 +225,7 @@ mod tests {
         gate.open();
         q.flush(Instant::now() + Duration::from_secs(5));
         assert!(!q.full.load(Ordering::Relaxed));
-        q.push(b"line 8\n");
+        q.push(b"line 8\n", true);
         q.flush(Instant::now() + Duration::from_secs(5));
         let out = String::from_utf8(gate.0 .0.lock().unwrap().1.clone()).unwrap();
         let lines: Vec<&str> = out.lines().collect();
@@ -238,12 +244,12 @@ mod tests {
         let gate = Gate::closed();
         let (wq, sink) = (Arc::clone(&q), gate.clone());
         std::thread::spawn(move || wq.write_forever(sink));
-        q.push(b"line 0\n");
+        q.push(b"line 0\n", true);
         while !q.lock().writing {
             std::thread::yield_now();
         }
         for i in 1..=60 {
-            q.push(format!("line {i}\n").as_bytes());
+            q.push(format!("line {i}\n").as_bytes(), false);
         }
         gate.open();
         q.flush(Instant::now() + Duration::from_secs(5));
