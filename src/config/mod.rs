@@ -1,7 +1,7 @@
 //! Configuration: the validated, effective settings portgate runs with.
 //!
 //! Loading happens in two stages, so that nothing is bound or changed until a
-//! file is known to be good:
+//! file is known to be good, and a third that only moves memory:
 //!
 //! 1. [`raw`] mirrors the TOML with serde (`deny_unknown_fields`, spans kept
 //!    for every value that validation may reject) and reads `include` files.
@@ -9,15 +9,19 @@
 //!    problem with its `FILE:LINE:COL` (or the routes involved) instead of
 //!    stopping at the first. A key left out takes its value from
 //!    [`defaults`], the one place defaults are written.
+//! 3. Once the raw tree is dropped, [`pack`] lays the routes out afresh,
+//!    so a large config does not keep the tree's freed pages resident.
 //!
 //! [`render`] writes a [`Config`] back out as the TOML that loads to it.
 //!
 //! This module owns the validated types and the canonical hash. It must not
-//! bind sockets or touch global state: `check`, `routes`, `ssh-config` and a
-//! SIGHUP reload all call [`load`] off to the side.
+//! bind sockets or touch global state (beyond giving free heap pages back):
+//! `check`, `routes`, `ssh-config` and a SIGHUP reload all call [`load`] off
+//! to the side.
 
 pub(crate) mod defaults;
 mod metrics;
+mod pack;
 pub(crate) mod policy;
 mod problem;
 pub(crate) mod raw;
@@ -492,5 +496,9 @@ impl Config {
 /// messages.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let tree = raw::read_tree(path)?;
-    validate::validate(path, &tree, SystemTime::now())
+    let mut config = validate::validate(path, &tree, SystemTime::now())?;
+    drop(tree);
+    // The tree is gone: lay the routes out again, away from its holes.
+    config.routes = pack::relocate(std::mem::take(&mut config.routes));
+    Ok(config)
 }
