@@ -20,7 +20,7 @@
 mod render;
 mod types;
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 pub use types::{Counter, Gauge, Histogram, HistogramSlot};
 
@@ -55,6 +55,10 @@ pub(crate) const CONNECT_BUCKETS: &[f64] =
 /// Maintenance sessions: a probe-like second up to a working day.
 pub(crate) const SESSION_BUCKETS: &[f64] =
     &[0.1, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0];
+/// The bounds as statics, so a route's histogram slot points at them with
+/// one word.
+static CONNECT_BOUNDS: &[f64] = CONNECT_BUCKETS;
+static SESSION_BOUNDS: &[f64] = SESSION_BUCKETS;
 
 /// Rejection reasons counted per route (the others have no route).
 const ROUTE_REJECTS: [Reject; 5] = [
@@ -115,7 +119,7 @@ impl RouteList {
 
 /// The series of one route, resolved once.
 pub struct RouteMetrics {
-    /// The route's name as a label value (escaped once).
+    /// The route's name (escaped when rendered).
     name: Box<str>,
     /// The tenant label of `accepted` and `active` (as written; escaped
     /// when rendered); a reload may change it.
@@ -126,6 +130,15 @@ pub struct RouteMetrics {
     pub bytes_to_client: Counter,
     pub connect_duration: HistogramSlot,
     pub session_duration: HistogramSlot,
+    /// The closed, rejected and connect error counts, allocated at the
+    /// first of them (until then they render as zeros): most routes of a
+    /// large config never count one.
+    counts: OnceLock<Box<Counts>>,
+}
+
+/// A route's counters by reason or kind.
+#[derive(Default)]
+struct Counts {
     /// `portgate_sessions_closed_total`, by `CloseReason as usize`.
     closed: [Counter; CloseReason::ALL.len()],
     /// By the position of the reason in `ROUTE_REJECTS`.
@@ -135,23 +148,37 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
+    fn counts(&self) -> &Counts {
+        self.counts.get_or_init(Box::default)
+    }
+
     pub(crate) fn rejected(&self, reason: Reject) -> Option<&Counter> {
-        ROUTE_REJECTS.iter().position(|r| *r == reason).map(|i| &self.rejected[i])
+        ROUTE_REJECTS.iter().position(|r| *r == reason).map(|i| &self.counts().rejected[i])
     }
 
     /// The `portgate_sessions_closed_total` series for `close`.
     pub(crate) fn closed(&self, close: CloseReason) -> &Counter {
-        &self.closed[close as usize]
+        &self.counts().closed[close as usize]
     }
 
     pub(crate) fn connect_error(&self, kind: ConnectErrorKind) -> &Counter {
         let i = CONNECT_ERROR_KINDS.iter().position(|k| *k == kind).unwrap_or(CONNECT_ERROR_KINDS.len() - 1);
-        &self.connect_errors[i]
+        &self.counts().connect_errors[i]
+    }
+
+    /// The route name these series carry.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
     }
 
     /// The tenant label these series carry now.
     pub(crate) fn tenant(&self) -> String {
         self.tenant.lock().unwrap_or_else(|e| e.into_inner()).to_string()
+    }
+
+    /// Whether these series carry the tenant label `tenant`.
+    pub(crate) fn has_tenant(&self, tenant: &str) -> bool {
+        **self.tenant.lock().unwrap_or_else(|e| e.into_inner()) == *tenant
     }
 
     /// A reload gave the route another tenant: its labelled series follow.
@@ -197,17 +224,15 @@ impl Metrics {
         let mode = *self.histograms.lock().unwrap_or_else(|e| e.into_inner());
         let (connect, session) = self.histograms_for(mode);
         let m = Arc::new(RouteMetrics {
-            name: render::escape(route).into(),
+            name: route.into(),
             tenant: Mutex::new(tenant.into()),
             accepted: Counter::default(),
             active: Gauge::default(),
             bytes_to_target: Counter::default(),
             bytes_to_client: Counter::default(),
-            connect_duration: HistogramSlot::new(CONNECT_BUCKETS, connect),
-            session_duration: HistogramSlot::new(SESSION_BUCKETS, session),
-            closed: Default::default(),
-            rejected: Default::default(),
-            connect_errors: Default::default(),
+            connect_duration: HistogramSlot::new(&CONNECT_BOUNDS, connect),
+            session_duration: HistogramSlot::new(&SESSION_BOUNDS, session),
+            counts: OnceLock::new(),
         });
         self.route_list.lock().unwrap_or_else(|e| e.into_inner()).push(&m);
         m

@@ -97,14 +97,15 @@ impl Histogram {
 /// no buckets.
 #[derive(Debug)]
 pub struct HistogramSlot {
-    bounds: &'static [f64],
+    /// One word: a reference to a static slice reference.
+    bounds: &'static &'static [f64],
     current: ArcSwapOption<Histogram>,
 }
 
 impl HistogramSlot {
     /// A slot for a route's own histogram (allocated on first use), or the
     /// node's shared one.
-    pub(super) fn new(bounds: &'static [f64], shared: Option<Arc<Histogram>>) -> HistogramSlot {
+    pub(super) fn new(bounds: &'static &'static [f64], shared: Option<Arc<Histogram>>) -> HistogramSlot {
         HistogramSlot { bounds, current: ArcSwapOption::new(shared) }
     }
 
@@ -112,7 +113,7 @@ impl HistogramSlot {
         if let Some(h) = self.current.load().as_ref() {
             return h.record(v);
         }
-        let own = Arc::new(Histogram::new(self.bounds));
+        let own = Arc::new(Histogram::new(*self.bounds));
         // A racing first sample may have put one there meanwhile: use it.
         let prev = self.current.compare_and_swap(&None::<Arc<Histogram>>, Some(Arc::clone(&own)));
         match prev.as_ref() {
