@@ -27,6 +27,7 @@ mod problem;
 pub(crate) mod raw;
 pub mod render;
 mod route;
+mod shared;
 pub mod units;
 pub(crate) mod validate;
 
@@ -34,6 +35,7 @@ pub use metrics::{Histograms, MetricsSettings};
 pub use policy::{Expect, PolicyTest};
 pub use problem::{ConfigError, Problem};
 pub use route::{Route, Target};
+pub use shared::Shared;
 pub use units::fmt_duration;
 use units::{ser_duration, ser_opt_duration};
 

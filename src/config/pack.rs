@@ -11,10 +11,13 @@
 //! outside the holes), drops them, gives the free heap back, and builds
 //! them again from the buffers. Nothing else of the load is alive by then,
 //! so the routes, and what the node builds after them, are laid out one
-//! after the other.
+//! after the other. Built again, routes share what they have in common
+//! (see [`Shared`]): a tenant that is the route's name is the name, equal
+//! tenants and equal `allow` lists (the inherited one) are one copy.
 //!
 //! Only the layout changes: the routes are equal to the ones given.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
@@ -22,7 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use ipnet::IpNet;
 
-use super::{Route, Target};
+use super::{Route, Shared, Target};
 
 /// A range in one of [`Packed`]'s buffers.
 type Span = Range<u32>;
@@ -112,21 +115,34 @@ impl Packed {
         }
     }
 
-    fn string(&self, s: &Span) -> String {
-        self.text[range(s)].to_owned()
+    fn str_at(&self, s: &Span) -> &str {
+        &self.text[range(s)]
     }
 
-    fn unpack(&self, p: &PackedRoute) -> Route {
+    fn string(&self, s: &Span) -> String {
+        self.str_at(s).to_owned()
+    }
+
+    fn unpack<'a>(&'a self, p: &PackedRoute, common: &mut Common<'a>) -> Route {
+        let name: Shared<str> = self.str_at(&p.name).into();
+        let tenant = self.str_at(&p.tenant);
+        let tenant = if tenant == &*name {
+            name.clone()
+        } else {
+            common.tenants.entry(tenant).or_insert_with(|| tenant.into()).clone()
+        };
+        let allow = &self.nets[range(&p.allow)];
+        let allow = common.allows.entry(allow).or_insert_with(|| allow.into()).clone();
         Route {
-            name: self.string(&p.name),
+            name,
             port: p.port,
             via: p.via.as_ref().map(|v| self.string(v)),
             target: match &p.target {
                 PackedTarget::Addr(a) => Target::Addr(*a),
                 PackedTarget::Name(host, port) => Target::Name { host: self.string(host), port: *port },
             },
-            tenant: self.string(&p.tenant),
-            allow: self.nets[range(&p.allow)].to_vec(),
+            tenant,
+            allow,
             endpoints: self.lists[range(&p.endpoints)].iter().map(|e| self.string(e)).collect(),
             max_connections: p.max_connections,
             ssh_user: p.ssh_user.as_ref().map(|u| self.string(u)),
@@ -136,6 +152,13 @@ impl Packed {
             source: self.ips[range(&p.source)].to_vec(),
         }
     }
+}
+
+/// The values routes share as they are built again, by value.
+#[derive(Default)]
+struct Common<'a> {
+    tenants: HashMap<&'a str, Shared<str>>,
+    allows: HashMap<&'a [IpNet], Shared<[IpNet]>>,
 }
 
 /// The same routes, in the same order, laid out afresh after the heap's
@@ -149,7 +172,8 @@ pub(super) fn relocate(routes: Vec<Arc<Route>>) -> Vec<Arc<Route>> {
     }
     drop(routes);
     crate::sys::trim_heap();
-    packed.routes.iter().map(|p| Arc::new(packed.unpack(p))).collect()
+    let mut common = Common::default();
+    packed.routes.iter().map(|p| Arc::new(packed.unpack(p, &mut common))).collect()
 }
 
 #[cfg(test)]
@@ -169,10 +193,15 @@ mod tests {
         a.max_connections = 3;
         a.source = vec!["10.0.5.10".parse().unwrap()];
         let b = test_route("b", 1, None, &["0.0.0.0/0"], &[]);
-        let routes = vec![Arc::new(a.clone()), Arc::new(b.clone())];
+        let c = test_route("c", 2, None, &["0.0.0.0/0"], &[]);
+        let routes = vec![Arc::new(a.clone()), Arc::new(b.clone()), Arc::new(c.clone())];
         let back = relocate(routes);
-        assert_eq!(back.len(), 2);
+        assert_eq!(back.len(), 3);
         assert_eq!(*back[0], a);
         assert_eq!(*back[1], b);
+        assert_eq!(*back[2], c);
+        // Equal lists are one copy; a tenant that is the name is the name.
+        assert!(std::ptr::eq(&*back[1].allow, &*back[2].allow));
+        assert!(std::ptr::eq(&*back[1].tenant, &*back[1].name));
     }
 }

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use super::units::{self, ser_opt_duration};
+use super::Shared;
 
 /// One `[[route]]`, with `[access]`, `[timeouts]` and `[upstream]` defaults
 /// already applied.
@@ -23,7 +24,7 @@ pub struct Route {
     /// Unique; the route's identity across a reload (its sessions and
     /// counters carry over by name), its metric and log label, and its ssh
     /// alias.
-    pub name: String,
+    pub name: Shared<str>,
     /// The listener port connections for this route arrive on.
     pub port: u16,
     /// With `via`, only connections through this VPC endpoint take the
@@ -34,10 +35,10 @@ pub struct Route {
     pub target: Target,
     /// Metric and log label grouping routes of one customer; the name when
     /// not set.
-    pub tenant: String,
+    pub tenant: Shared<str>,
     /// Effective source allowlist (never empty): a client outside it is
     /// refused before the target is dialed.
-    pub allow: Vec<IpNet>,
+    pub allow: Shared<[IpNet]>,
     /// Effective endpoint allowlist; empty = any endpoint (or none).
     pub endpoints: Vec<String>,
     /// Concurrent sessions on this route, to protect the target; 0 =

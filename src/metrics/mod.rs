@@ -22,9 +22,9 @@ mod types;
 
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-pub use types::{Counter, Gauge, Histogram, HistogramSlot};
+pub use types::{Buckets, Counter, Gauge, Histogram, HistogramSlot};
 
-use crate::config::Histograms;
+use crate::config::{Histograms, Shared};
 use crate::reason::{CloseReason, ConnectErrorKind, Reject};
 
 pub const CONNECTIONS_ACCEPTED: &str = "portgate_connections_accepted_total";
@@ -55,10 +55,20 @@ pub(crate) const CONNECT_BUCKETS: &[f64] =
 /// Maintenance sessions: a probe-like second up to a working day.
 pub(crate) const SESSION_BUCKETS: &[f64] =
     &[0.1, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0];
-/// The bounds as statics, so a route's histogram slot points at them with
-/// one word.
-static CONNECT_BOUNDS: &[f64] = CONNECT_BUCKETS;
-static SESSION_BOUNDS: &[f64] = SESSION_BUCKETS;
+
+/// `portgate_upstream_connect_duration_seconds`' buckets.
+#[derive(Debug)]
+pub struct ConnectBuckets;
+impl Buckets for ConnectBuckets {
+    const BOUNDS: &'static [f64] = CONNECT_BUCKETS;
+}
+
+/// `portgate_session_duration_seconds`' buckets.
+#[derive(Debug)]
+pub struct SessionBuckets;
+impl Buckets for SessionBuckets {
+    const BOUNDS: &'static [f64] = SESSION_BUCKETS;
+}
 
 /// Rejection reasons counted per route (the others have no route).
 const ROUTE_REJECTS: [Reject; 5] = [
@@ -119,17 +129,20 @@ impl RouteList {
 
 /// The series of one route, resolved once.
 pub struct RouteMetrics {
-    /// The route's name (escaped when rendered).
-    name: Box<str>,
+    /// The route's name (escaped when rendered). A copy of its own, not
+    /// the config's: these series outlive the config they were made from,
+    /// and would otherwise keep its memory resident.
+    name: Shared<str>,
     /// The tenant label of `accepted` and `active` (as written; escaped
-    /// when rendered); a reload may change it.
-    tenant: Mutex<Box<str>>,
+    /// when rendered), a copy of its own, or `name` when they are equal;
+    /// a reload may change it.
+    tenant: Mutex<Shared<str>>,
     pub accepted: Counter,
     pub active: Gauge,
     pub bytes_to_target: Counter,
     pub bytes_to_client: Counter,
-    pub connect_duration: HistogramSlot,
-    pub session_duration: HistogramSlot,
+    pub connect_duration: HistogramSlot<ConnectBuckets>,
+    pub session_duration: HistogramSlot<SessionBuckets>,
     /// The closed, rejected and connect error counts, allocated at the
     /// first of them (until then they render as zeros): most routes of a
     /// large config never count one.
@@ -172,8 +185,8 @@ impl RouteMetrics {
     }
 
     /// The tenant label these series carry now.
-    pub(crate) fn tenant(&self) -> String {
-        self.tenant.lock().unwrap_or_else(|e| e.into_inner()).to_string()
+    pub(crate) fn tenant(&self) -> Shared<str> {
+        self.tenant.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Whether these series carry the tenant label `tenant`.
@@ -183,7 +196,17 @@ impl RouteMetrics {
 
     /// A reload gave the route another tenant: its labelled series follow.
     pub(crate) fn set_tenant(&self, tenant: &str) {
-        *self.tenant.lock().unwrap_or_else(|e| e.into_inner()) = tenant.into();
+        *self.tenant.lock().unwrap_or_else(|e| e.into_inner()) = label(&self.name, tenant);
+    }
+}
+
+/// A tenant label: the name itself when it is the name (the default), else
+/// a copy.
+fn label(name: &Shared<str>, tenant: &str) -> Shared<str> {
+    if **name == *tenant {
+        name.clone()
+    } else {
+        tenant.into()
     }
 }
 
@@ -223,15 +246,16 @@ impl Metrics {
     pub fn route(&self, route: &str, tenant: &str) -> Arc<RouteMetrics> {
         let mode = *self.histograms.lock().unwrap_or_else(|e| e.into_inner());
         let (connect, session) = self.histograms_for(mode);
+        let name: Shared<str> = route.into();
         let m = Arc::new(RouteMetrics {
-            name: route.into(),
-            tenant: Mutex::new(tenant.into()),
+            tenant: Mutex::new(label(&name, tenant)),
+            name,
             accepted: Counter::default(),
             active: Gauge::default(),
             bytes_to_target: Counter::default(),
             bytes_to_client: Counter::default(),
-            connect_duration: HistogramSlot::new(&CONNECT_BOUNDS, connect),
-            session_duration: HistogramSlot::new(&SESSION_BOUNDS, session),
+            connect_duration: HistogramSlot::new(connect),
+            session_duration: HistogramSlot::new(session),
             counts: OnceLock::new(),
         });
         self.route_list.lock().unwrap_or_else(|e| e.into_inner()).push(&m);
