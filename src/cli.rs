@@ -247,8 +247,8 @@ pub fn routes_table(cfg: &Config) -> String {
             [
                 r.port.to_string(),
                 r.via.clone().unwrap_or_else(|| "-".into()),
-                r.name.clone(),
-                r.tenant.clone(),
+                r.name.to_string(),
+                r.tenant.to_string(),
                 r.target.to_string(),
                 r.allow.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","),
                 if r.endpoints.is_empty() { "*".into() } else { r.endpoints.join(",") },

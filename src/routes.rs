@@ -8,7 +8,6 @@
 //! This module answers "which route?" only. Whether a client may use it is
 //! `session/admission.rs`; it must not log or dial.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -80,20 +79,27 @@ pub(crate) struct RouteTable {
     /// The routing key, with the one lookup rule that the `[[test]]`
     /// evaluator uses too (`config/policy.rs`).
     keys: RouteKeys<RouteEntry>,
-    by_name: HashMap<String, RouteEntry>,
+    /// Positions in `keys.routes()`, sorted by route name: a name lookup
+    /// is a binary search, with no copy of the names.
+    by_name: Box<[u32]>,
 }
 
 impl RouteTable {
     /// Build the table for `config`, reusing the runtime state of routes whose
     /// name already exists in `states` (and registering new ones).
     pub(crate) fn build(config: &Config, states: &RouteStates) -> RouteTable {
-        let mut table = RouteTable::default();
-        for route in &config.routes {
-            let entry = RouteEntry { route: Arc::clone(route), state: states.get(route) };
-            table.keys.insert(route.port, route.via.as_deref(), entry.clone());
-            table.by_name.insert(route.name.clone(), entry);
-        }
-        table
+        let entries: Vec<RouteEntry> = config
+            .routes
+            .iter()
+            .zip(states.states_of(&config.routes))
+            .map(|(route, state)| RouteEntry { route: Arc::clone(route), state })
+            .collect();
+        let keys = RouteKeys::new(entries);
+        let routes = keys.routes();
+        let n = u32::try_from(routes.len()).expect("fewer than 4 billion routes");
+        let mut by_name: Vec<u32> = (0..n).collect();
+        by_name.sort_unstable_by(|a, b| routes[*a as usize].route.name.cmp(&routes[*b as usize].route.name));
+        RouteTable { keys, by_name: by_name.into_boxed_slice() }
     }
 
     /// Which route takes `conn`, and does it admit it at `now` (route,
@@ -107,19 +113,28 @@ impl RouteTable {
     }
 
     pub(crate) fn by_name(&self, name: &str) -> Option<&RouteEntry> {
-        self.by_name.get(name)
+        let routes = self.keys.routes();
+        let i = self.by_name.binary_search_by(|i| routes[*i as usize].route.name.as_str().cmp(name)).ok()?;
+        Some(&routes[self.by_name[i] as usize])
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.by_name.len()
+        self.keys.routes().len()
     }
 }
 
 /// Route runtime states by name, kept across reloads.
 #[derive(Default)]
 pub(crate) struct RouteStates {
-    inner: Mutex<HashMap<String, Arc<RouteState>>>,
+    /// Sorted by name (each state's series carry it): a flat list, where a
+    /// hash map would hold a copy of every name and room to grow.
+    inner: Mutex<Vec<Arc<RouteState>>>,
     metrics: Option<Arc<Metrics>>,
+}
+
+/// Where `name` is in `list` (sorted by name), or where it would go.
+fn find(list: &[Arc<RouteState>], name: &str) -> Result<usize, usize> {
+    list.binary_search_by(|s| s.metrics.name().cmp(name))
 }
 
 impl RouteStates {
@@ -127,40 +142,75 @@ impl RouteStates {
         RouteStates { inner: Mutex::default(), metrics: Some(metrics) }
     }
 
-    /// The runtime state of `route`'s name (created, with its series, if new).
-    pub(crate) fn state_of(&self, route: &Route) -> Arc<RouteState> {
-        self.get(route)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<RouteState>>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn get(&self, route: &Route) -> Arc<RouteState> {
-        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = map.get(&route.name) {
-            return Arc::clone(s);
+    /// The runtime state of `route`'s name (created, with its series, if new).
+    pub(crate) fn state_of(&self, route: &Route) -> Arc<RouteState> {
+        let mut list = self.lock();
+        match find(&list, &route.name) {
+            Ok(i) => Arc::clone(&list[i]),
+            Err(i) => {
+                let state = self.create(route);
+                list.insert(i, Arc::clone(&state));
+                state
+            }
         }
+    }
+
+    /// The runtime states of `routes` (names unique, as validation makes
+    /// them), in their order; those not known yet are created.
+    fn states_of(&self, routes: &[Arc<Route>]) -> Vec<Arc<RouteState>> {
+        let mut list = self.lock();
+        let mut added = Vec::new();
+        let states = routes
+            .iter()
+            .map(|route| match find(&list, &route.name) {
+                Ok(i) => Arc::clone(&list[i]),
+                Err(_) => {
+                    let state = self.create(route);
+                    added.push(Arc::clone(&state));
+                    state
+                }
+            })
+            .collect();
+        if !added.is_empty() {
+            added.sort_unstable_by(|a, b| a.metrics.name().cmp(b.metrics.name()));
+            list.reserve_exact(added.len());
+            list.extend(added);
+            // Two sorted runs: the stable sort merges them in one pass.
+            list.sort_by(|a, b| a.metrics.name().cmp(b.metrics.name()));
+        }
+        states
+    }
+
+    fn create(&self, route: &Route) -> Arc<RouteState> {
         let metrics = match &self.metrics {
             Some(m) => m.route(&route.name, &route.tenant),
             None => Metrics::new().route(&route.name, &route.tenant),
         };
-        let state = Arc::new(RouteState { metrics, active: AtomicU32::new(0) });
-        map.insert(route.name.clone(), Arc::clone(&state));
-        state
+        Arc::new(RouteState { metrics, active: AtomicU32::new(0) })
     }
 
     /// Forget the state of routes that `config` no longer has. Sessions that
     /// still run on them keep their own `Arc` (and with it their series).
     pub(crate) fn retain(&self, config: &Config) {
-        let names: std::collections::HashSet<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
-        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|name, _| names.contains(name.as_str()));
+        let mut names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+        names.sort_unstable();
+        let mut list = self.lock();
+        list.retain(|s| names.binary_search(&s.metrics.name()).is_ok());
+        list.shrink_to_fit();
     }
 
     /// If a route's tenant label changed, its series' label follows.
     pub(crate) fn refresh_labels(&self, config: &Config) {
-        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let list = self.lock();
         for route in &config.routes {
-            if let Some(state) = map.get(&route.name) {
-                if state.metrics.tenant() != route.tenant {
-                    state.metrics.set_tenant(&route.tenant);
+            if let Ok(i) = find(&list, &route.name) {
+                let metrics = &list[i].metrics;
+                if !metrics.has_tenant(&route.tenant) {
+                    metrics.set_tenant(&route.tenant);
                 }
             }
         }
@@ -204,7 +254,7 @@ mod tests {
     fn slots_respect_limit_and_release() {
         let states = RouteStates::default();
         let r = route("a", 1, None, &["0.0.0.0/0"], &[]);
-        let s = states.get(&r);
+        let s = states.state_of(&r);
         let a = s.try_acquire(2).unwrap();
         let _b = s.try_acquire(2).unwrap();
         assert!(s.try_acquire(2).is_none());
@@ -212,6 +262,42 @@ mod tests {
         assert!(s.try_acquire(2).is_some());
         assert!(s.try_acquire(0).is_some(), "0 = unlimited");
         // The state is shared by name across builds.
-        assert!(Arc::ptr_eq(&s, &states.get(&r)));
+        assert!(Arc::ptr_eq(&s, &states.state_of(&r)));
+    }
+
+    #[test]
+    fn tables_find_every_route_and_states_follow_names() {
+        let states = RouteStates::default();
+        let config = |routes: &[(&str, u16, Option<&str>)]| {
+            let mut c = Config::with_defaults("x.toml".into());
+            c.routes =
+                routes.iter().map(|(n, p, v)| Arc::new(route(n, *p, *v, &["0.0.0.0/0"], &[]))).collect();
+            c
+        };
+        let first = config(&[("b", 2, None), ("a", 1, None), ("c", 1, Some("vpce-1"))]);
+        let t = RouteTable::build(&first, &states);
+        assert_eq!(t.len(), 3);
+        for name in ["a", "b", "c"] {
+            assert_eq!(t.by_name(name).map(|e| e.route.name.as_str()), Some(name));
+        }
+        assert!(t.by_name("d").is_none());
+        let conn = |port, endpoint| Conn { port, client: "10.0.0.1".parse().unwrap(), endpoint };
+        let name = |t: &RouteTable, port, endpoint| {
+            t.decide(&conn(port, endpoint), SystemTime::UNIX_EPOCH).ok().map(|e| e.route.name.clone())
+        };
+        assert_eq!(name(&t, 1, Some("vpce-1")).as_deref(), Some("c"));
+        assert_eq!(name(&t, 1, Some("vpce-2")).as_deref(), Some("a"));
+        assert_eq!(name(&t, 2, None).as_deref(), Some("b"));
+        assert_eq!(name(&t, 3, None), None);
+
+        let state = |t: &RouteTable, n| Arc::clone(&t.by_name(n).unwrap().state);
+        let second = config(&[("a", 5, None), ("d", 1, None)]);
+        let t2 = RouteTable::build(&second, &states);
+        assert!(Arc::ptr_eq(&state(&t, "a"), &state(&t2, "a")), "same name, same state");
+        states.retain(&second);
+        let t3 = RouteTable::build(&first, &states);
+        assert!(Arc::ptr_eq(&state(&t, "a"), &state(&t3, "a")));
+        assert!(!Arc::ptr_eq(&state(&t, "b"), &state(&t3, "b")), "b was forgotten");
+        assert!(Arc::ptr_eq(&state(&t2, "d"), &states.state_of(&route("d", 1, None, &[], &[]))));
     }
 }

@@ -12,7 +12,6 @@
 //!
 //! Pure: no clock (the caller passes `now`), no sockets, no counting.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -34,48 +33,75 @@ pub(crate) struct Conn<'a> {
 
 /// The `(port, via)` routing key -> `T` (a route, or a route with its
 /// runtime state). Immutable once built.
+///
+/// Two flat arrays, no hash table: a large config is mostly this, and the
+/// accept path does two binary searches (port, then endpoint) instead of
+/// hashing. Each route's `via` is read from the route itself, not copied.
 #[derive(Debug, Clone)]
 pub(crate) struct RouteKeys<T> {
-    by_port: HashMap<u16, PortRoutes<T>>,
-}
-
-#[derive(Debug, Clone)]
-struct PortRoutes<T> {
-    /// The route without `via`.
-    default: Option<T>,
-    /// Routes with `via`, by endpoint id. Few per port: a linear scan beats
-    /// hashing.
-    via: Vec<(String, T)>,
+    /// Sorted by `(port, via)`: a port's routes are adjacent, its route
+    /// without `via` (if any) first, then the others by endpoint id.
+    routes: Box<[T]>,
+    /// Every port that has a route, ascending, with the index in `routes`
+    /// of its first route; its routes end where the next port's begin.
+    ports: Box<[(u16, u32)]>,
 }
 
 impl<T> Default for RouteKeys<T> {
     fn default() -> Self {
-        RouteKeys { by_port: HashMap::new() }
+        RouteKeys { routes: Box::default(), ports: Box::default() }
     }
 }
 
-impl<T> RouteKeys<T> {
-    /// Add the route for `(port, via)`; validation has made keys unique.
-    pub(crate) fn insert(&mut self, port: u16, via: Option<&str>, value: T) {
-        let p = self.by_port.entry(port).or_insert_with(|| PortRoutes { default: None, via: Vec::new() });
-        match via {
-            Some(v) => p.via.push((v.to_owned(), value)),
-            None => p.default = Some(value),
+impl<T: AsRef<Route>> RouteKeys<T> {
+    /// The keys of `routes`, in any order; validation has made keys unique.
+    pub(crate) fn new(mut routes: Vec<T>) -> Self {
+        // Configs come sorted by key: then this only checks.
+        if !routes.is_sorted_by(|a, b| key(a) <= key(b)) {
+            routes.sort_by(|a, b| key(a).cmp(&key(b)));
         }
+        let mut ports: Vec<(u16, u32)> = Vec::new();
+        for (i, t) in routes.iter().enumerate() {
+            let port = t.as_ref().port;
+            if ports.last().is_none_or(|(p, _)| *p != port) {
+                let i = u32::try_from(i).expect("fewer than 4 billion routes");
+                ports.push((port, i));
+            }
+        }
+        RouteKeys { routes: routes.into_boxed_slice(), ports: ports.into_boxed_slice() }
+    }
+
+    /// Every route, sorted by `(port, via)`.
+    pub(crate) fn routes(&self) -> &[T] {
+        &self.routes
+    }
+
+    /// The routes on `port`, sorted by `via` (the one without first).
+    fn on_port(&self, port: u16) -> &[T] {
+        let Ok(i) = self.ports.binary_search_by_key(&port, |(p, _)| *p) else { return &[] };
+        let start = self.ports[i].1 as usize;
+        let end = self.ports.get(i + 1).map_or(self.routes.len(), |(_, s)| *s as usize);
+        &self.routes[start..end]
     }
 
     /// The route for a connection on `port` that came through `endpoint`:
     /// the route with `via = endpoint` wins, else the port's route without
     /// `via`.
     pub(crate) fn lookup(&self, port: u16, endpoint: Option<&str>) -> Option<&T> {
-        let p = self.by_port.get(&port)?;
+        let on_port = self.on_port(port);
         if let Some(ep) = endpoint {
-            if let Some((_, e)) = p.via.iter().find(|(v, _)| v == ep) {
-                return Some(e);
+            if let Ok(i) = on_port.binary_search_by(|t| t.as_ref().via.as_deref().cmp(&Some(ep))) {
+                return Some(&on_port[i]);
             }
         }
-        p.default.as_ref()
+        on_port.first().filter(|t| t.as_ref().via.is_none())
     }
+}
+
+/// A route's routing key, as [`RouteKeys`] orders them.
+fn key<T: AsRef<Route>>(t: &T) -> (u16, Option<&str>) {
+    let r = t.as_ref();
+    (r.port, r.via.as_deref())
 }
 
 /// Why [`decide`] refused: the reason, and the route when one was found.
@@ -199,11 +225,7 @@ pub(crate) fn run_test(
 
 /// The routing keys of `routes`, for [`run_test`].
 pub(crate) fn keys_of(routes: &[Arc<Route>]) -> RouteKeys<Arc<Route>> {
-    let mut keys = RouteKeys::default();
-    for r in routes {
-        keys.insert(r.port, r.via.as_deref(), Arc::clone(r));
-    }
-    keys
+    RouteKeys::new(routes.to_vec())
 }
 
 /// Routes of `cfg` whose access window has ended by `now` (`not_after <=

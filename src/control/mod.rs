@@ -128,7 +128,40 @@ struct Ctx {
     node: mpsc::Sender<NodeRequest>,
 }
 
+/// A control socket claimed but not served yet, so that a node can claim
+/// it before it binds anything else and serve it once its state exists.
+pub(crate) struct ControlClaim {
+    listener: UnixListener,
+    file: SocketFile,
+    path: PathBuf,
+}
+
+impl ControlClaim {
+    /// Start serving the claimed socket.
+    pub(crate) fn serve(self, state: Arc<NodeState>, node: mpsc::Sender<NodeRequest>) -> ControlServer {
+        ControlServer::serve(self.listener, self.file, &self.path, state, node)
+    }
+
+    /// Give the socket up unserved (the node failed to start): its file
+    /// is removed.
+    pub(crate) fn release(self) {
+        self.file.remove();
+    }
+}
+
 impl ControlServer {
+    /// Claim the socket at `path`, to serve later. Must run inside the
+    /// runtime.
+    pub(crate) fn claim(path: &Path) -> Result<ControlClaim, SocketError> {
+        let claimed = socket::claim(path)?;
+        let (std_listener, file) = claimed.split();
+        let listener = UnixListener::from_std(std_listener).map_err(|source| {
+            file.remove();
+            SocketError::Io { path: path.to_path_buf(), source }
+        })?;
+        Ok(ControlClaim { listener, file, path: path.to_path_buf() })
+    }
+
     /// Claim the socket at `path` and start serving. Must run inside the
     /// runtime.
     pub(crate) fn bind(
@@ -136,13 +169,7 @@ impl ControlServer {
         state: Arc<NodeState>,
         node: mpsc::Sender<NodeRequest>,
     ) -> Result<ControlServer, SocketError> {
-        let claimed = socket::claim(path)?;
-        let (std_listener, file) = claimed.split();
-        let listener = UnixListener::from_std(std_listener).map_err(|source| {
-            file.remove();
-            SocketError::Io { path: path.to_path_buf(), source }
-        })?;
-        Ok(Self::serve(listener, file, path, state, node))
+        Ok(Self::claim(path)?.serve(state, node))
     }
 
     /// Serve the socket a predecessor served at `path` (upgrade in place):

@@ -20,11 +20,11 @@
 mod render;
 mod types;
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-pub use types::{Counter, Gauge, Histogram, HistogramSlot};
+pub use types::{Buckets, Counter, Gauge, Histogram, HistogramSlot};
 
-use crate::config::Histograms;
+use crate::config::{Histograms, Shared};
 use crate::reason::{CloseReason, ConnectErrorKind, Reject};
 
 pub const CONNECTIONS_ACCEPTED: &str = "portgate_connections_accepted_total";
@@ -55,6 +55,20 @@ pub(crate) const CONNECT_BUCKETS: &[f64] =
 /// Maintenance sessions: a probe-like second up to a working day.
 pub(crate) const SESSION_BUCKETS: &[f64] =
     &[0.1, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0];
+
+/// `portgate_upstream_connect_duration_seconds`' buckets.
+#[derive(Debug)]
+pub struct ConnectBuckets;
+impl Buckets for ConnectBuckets {
+    const BOUNDS: &'static [f64] = CONNECT_BUCKETS;
+}
+
+/// `portgate_session_duration_seconds`' buckets.
+#[derive(Debug)]
+pub struct SessionBuckets;
+impl Buckets for SessionBuckets {
+    const BOUNDS: &'static [f64] = SESSION_BUCKETS;
+}
 
 /// Rejection reasons counted per route (the others have no route).
 const ROUTE_REJECTS: [Reject; 5] = [
@@ -115,17 +129,29 @@ impl RouteList {
 
 /// The series of one route, resolved once.
 pub struct RouteMetrics {
-    /// The route's name as a label value (escaped once).
-    name: Box<str>,
+    /// The route's name (escaped when rendered). A copy of its own, not
+    /// the config's: these series outlive the config they were made from,
+    /// and would otherwise keep its memory resident.
+    name: Shared<str>,
     /// The tenant label of `accepted` and `active` (as written; escaped
-    /// when rendered); a reload may change it.
-    tenant: Mutex<Box<str>>,
+    /// when rendered), a copy of its own, or `name` when they are equal;
+    /// a reload may change it.
+    tenant: Mutex<Shared<str>>,
     pub accepted: Counter,
     pub active: Gauge,
     pub bytes_to_target: Counter,
     pub bytes_to_client: Counter,
-    pub connect_duration: HistogramSlot,
-    pub session_duration: HistogramSlot,
+    pub connect_duration: HistogramSlot<ConnectBuckets>,
+    pub session_duration: HistogramSlot<SessionBuckets>,
+    /// The closed, rejected and connect error counts, allocated at the
+    /// first of them (until then they render as zeros): most routes of a
+    /// large config never count one.
+    counts: OnceLock<Box<Counts>>,
+}
+
+/// A route's counters by reason or kind.
+#[derive(Default)]
+struct Counts {
     /// `portgate_sessions_closed_total`, by `CloseReason as usize`.
     closed: [Counter; CloseReason::ALL.len()],
     /// By the position of the reason in `ROUTE_REJECTS`.
@@ -135,28 +161,52 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
+    fn counts(&self) -> &Counts {
+        self.counts.get_or_init(Box::default)
+    }
+
     pub(crate) fn rejected(&self, reason: Reject) -> Option<&Counter> {
-        ROUTE_REJECTS.iter().position(|r| *r == reason).map(|i| &self.rejected[i])
+        ROUTE_REJECTS.iter().position(|r| *r == reason).map(|i| &self.counts().rejected[i])
     }
 
     /// The `portgate_sessions_closed_total` series for `close`.
     pub(crate) fn closed(&self, close: CloseReason) -> &Counter {
-        &self.closed[close as usize]
+        &self.counts().closed[close as usize]
     }
 
     pub(crate) fn connect_error(&self, kind: ConnectErrorKind) -> &Counter {
         let i = CONNECT_ERROR_KINDS.iter().position(|k| *k == kind).unwrap_or(CONNECT_ERROR_KINDS.len() - 1);
-        &self.connect_errors[i]
+        &self.counts().connect_errors[i]
+    }
+
+    /// The route name these series carry.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
     }
 
     /// The tenant label these series carry now.
-    pub(crate) fn tenant(&self) -> String {
-        self.tenant.lock().unwrap_or_else(|e| e.into_inner()).to_string()
+    pub(crate) fn tenant(&self) -> Shared<str> {
+        self.tenant.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether these series carry the tenant label `tenant`.
+    pub(crate) fn has_tenant(&self, tenant: &str) -> bool {
+        **self.tenant.lock().unwrap_or_else(|e| e.into_inner()) == *tenant
     }
 
     /// A reload gave the route another tenant: its labelled series follow.
     pub(crate) fn set_tenant(&self, tenant: &str) {
-        *self.tenant.lock().unwrap_or_else(|e| e.into_inner()) = tenant.into();
+        *self.tenant.lock().unwrap_or_else(|e| e.into_inner()) = label(&self.name, tenant);
+    }
+}
+
+/// A tenant label: the name itself when it is the name (the default), else
+/// a copy.
+fn label(name: &Shared<str>, tenant: &str) -> Shared<str> {
+    if **name == *tenant {
+        name.clone()
+    } else {
+        tenant.into()
     }
 }
 
@@ -196,18 +246,17 @@ impl Metrics {
     pub fn route(&self, route: &str, tenant: &str) -> Arc<RouteMetrics> {
         let mode = *self.histograms.lock().unwrap_or_else(|e| e.into_inner());
         let (connect, session) = self.histograms_for(mode);
+        let name: Shared<str> = route.into();
         let m = Arc::new(RouteMetrics {
-            name: render::escape(route).into(),
-            tenant: Mutex::new(tenant.into()),
+            tenant: Mutex::new(label(&name, tenant)),
+            name,
             accepted: Counter::default(),
             active: Gauge::default(),
             bytes_to_target: Counter::default(),
             bytes_to_client: Counter::default(),
-            connect_duration: HistogramSlot::new(CONNECT_BUCKETS, connect),
-            session_duration: HistogramSlot::new(SESSION_BUCKETS, session),
-            closed: Default::default(),
-            rejected: Default::default(),
-            connect_errors: Default::default(),
+            connect_duration: HistogramSlot::new(connect),
+            session_duration: HistogramSlot::new(session),
+            counts: OnceLock::new(),
         });
         self.route_list.lock().unwrap_or_else(|e| e.into_inner()).push(&m);
         m

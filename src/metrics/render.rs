@@ -1,25 +1,30 @@
 //! The Prometheus text exposition (format 0.0.4), written by hand: family
 //! by family (every sample of a family together, after its `HELP` and
-//! `TYPE`), each route's label written from the string escaped once when
-//! its series were made. At 50,000 routes that is about a million lines,
-//! so nothing here allocates per line.
+//! `TYPE`), each route's labels escaped once per scrape (a name never needs
+//! it: validation keeps names plain, so it is borrowed as is). At 50,000
+//! routes that is about a million lines, so nothing here allocates per
+//! line.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use super::{
-    fd_usage, Histogram, Metrics, RouteMetrics, BUILD_INFO, BYTES, CONFIG_INFO, CONFIG_LAST_RELOAD_SUCCESS,
-    CONFIG_RELOADS, CONNECTIONS_ACCEPTED, CONNECTIONS_ACTIVE, CONNECTIONS_REJECTED, CONNECT_BUCKETS,
-    CONNECT_ERROR_KINDS, HEALTH_CHECKS, LOG_LINES_DROPPED, MAX_FDS, OPEN_FDS, ROUTES, ROUTE_REJECTS,
-    SESSIONS_CLOSED, SESSION_BUCKETS, SESSION_DURATION, UPGRADES, UPSTREAM_CONNECT_DURATION,
-    UPSTREAM_CONNECT_ERRORS,
+    fd_usage, Counter, Counts, Histogram, Metrics, RouteMetrics, BUILD_INFO, BYTES, CONFIG_INFO,
+    CONFIG_LAST_RELOAD_SUCCESS, CONFIG_RELOADS, CONNECTIONS_ACCEPTED, CONNECTIONS_ACTIVE,
+    CONNECTIONS_REJECTED, CONNECT_BUCKETS, CONNECT_ERROR_KINDS, HEALTH_CHECKS, LOG_LINES_DROPPED, MAX_FDS,
+    OPEN_FDS, ROUTES, ROUTE_REJECTS, SESSIONS_CLOSED, SESSION_BUCKETS, SESSION_DURATION, UPGRADES,
+    UPSTREAM_CONNECT_DURATION, UPSTREAM_CONNECT_ERRORS,
 };
 use crate::config::Histograms;
 use crate::reason::{CloseReason, Reject};
 
 /// A label value as the format wants it: `\`, `"` and newlines escaped.
-pub(super) fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
+pub(super) fn escape(s: &str) -> Cow<'_, str> {
+    if !s.contains(['\\', '"', '\n']) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 2);
     for c in s.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
@@ -28,7 +33,7 @@ pub(super) fn escape(s: &str) -> String {
             c => out.push(c),
         }
     }
-    out
+    Cow::Owned(out)
 }
 
 fn head(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -97,19 +102,21 @@ fn node_families(m: &Metrics, out: &mut String) {
 }
 
 fn route_families(m: &Metrics, routes: &[Arc<RouteMetrics>], out: &mut String) {
-    let tenants: Vec<String> = routes.iter().map(|r| escape(&r.tenant())).collect();
+    // Route names are plain by validation; escaped all the same.
+    let names: Vec<Cow<'_, str>> = routes.iter().map(|r| escape(&r.name)).collect();
+    let tenants: Vec<String> = routes.iter().map(|r| escape(&r.tenant()).into_owned()).collect();
     head(
         out,
         CONNECTIONS_ACCEPTED,
         "counter",
         "Connections that passed admission (PROXY header, route, source, endpoint, window, limits).",
     );
-    for (r, t) in routes.iter().zip(&tenants) {
-        sample(out, CONNECTIONS_ACCEPTED, &r.name, "tenant", t, r.accepted.get());
+    for ((r, name), t) in routes.iter().zip(&names).zip(&tenants) {
+        sample(out, CONNECTIONS_ACCEPTED, name, "tenant", t, r.accepted.get());
     }
     head(out, CONNECTIONS_ACTIVE, "gauge", "Sessions currently admitted on a route.");
-    for (r, t) in routes.iter().zip(&tenants) {
-        sample(out, CONNECTIONS_ACTIVE, &r.name, "tenant", t, r.active.get());
+    for ((r, name), t) in routes.iter().zip(&names).zip(&tenants) {
+        sample(out, CONNECTIONS_ACTIVE, name, "tenant", t, r.active.get());
     }
     head(
         out,
@@ -126,26 +133,35 @@ fn route_families(m: &Metrics, routes: &[Arc<RouteMetrics>], out: &mut String) {
         m.rejected_proxy_header.get(),
     );
     sample(out, CONNECTIONS_REJECTED, "", "reason", Reject::NoRoute.as_str(), m.rejected_no_route.get());
-    for r in routes {
-        for (reason, c) in ROUTE_REJECTS.iter().zip(&r.rejected) {
-            sample(out, CONNECTIONS_REJECTED, &r.name, "reason", reason.as_str(), c.get());
+    let counts: Vec<Option<&Counts>> = routes.iter().map(|r| r.counts.get().map(|c| &**c)).collect();
+    let get = |c: Option<&Counts>, f: fn(&Counts) -> &[Counter], i: usize| c.map_or(0, |c| f(c)[i].get());
+    for (name, c) in names.iter().zip(&counts) {
+        for (i, reason) in ROUTE_REJECTS.iter().enumerate() {
+            sample(out, CONNECTIONS_REJECTED, name, "reason", reason.as_str(), get(*c, |c| &c.rejected, i));
         }
     }
     head(out, UPSTREAM_CONNECT_ERRORS, "counter", "Failed dials to a route's target, by kind.");
-    for r in routes {
-        for (kind, c) in CONNECT_ERROR_KINDS.iter().zip(&r.connect_errors) {
-            sample(out, UPSTREAM_CONNECT_ERRORS, &r.name, "kind", kind.as_str(), c.get());
+    for (name, c) in names.iter().zip(&counts) {
+        for (i, kind) in CONNECT_ERROR_KINDS.iter().enumerate() {
+            sample(
+                out,
+                UPSTREAM_CONNECT_ERRORS,
+                name,
+                "kind",
+                kind.as_str(),
+                get(*c, |c| &c.connect_errors, i),
+            );
         }
     }
     head(out, BYTES, "counter", "Payload bytes forwarded, by direction (PROXY headers excluded).");
-    for r in routes {
-        sample(out, BYTES, &r.name, "direction", "to_target", r.bytes_to_target.get());
-        sample(out, BYTES, &r.name, "direction", "to_client", r.bytes_to_client.get());
+    for (r, name) in routes.iter().zip(&names) {
+        sample(out, BYTES, name, "direction", "to_target", r.bytes_to_target.get());
+        sample(out, BYTES, name, "direction", "to_client", r.bytes_to_client.get());
     }
     head(out, SESSIONS_CLOSED, "counter", "Sessions ended (failed dials included), by close reason.");
-    for r in routes {
-        for (close, c) in CloseReason::ALL.iter().zip(&r.closed) {
-            sample(out, SESSIONS_CLOSED, &r.name, "close", close.as_str(), c.get());
+    for (name, c) in names.iter().zip(&counts) {
+        for (i, close) in CloseReason::ALL.iter().enumerate() {
+            sample(out, SESSIONS_CLOSED, name, "close", close.as_str(), get(*c, |c| &c.closed, i));
         }
     }
     let per_node = *m.histograms.lock().unwrap_or_else(|e| e.into_inner()) == Histograms::Node;
@@ -158,18 +174,18 @@ fn route_families(m: &Metrics, routes: &[Arc<RouteMetrics>], out: &mut String) {
     if per_node {
         histogram(out, UPSTREAM_CONNECT_DURATION, "", CONNECT_BUCKETS, Some(&m.node_connect));
     } else {
-        for r in routes {
+        for (r, name) in routes.iter().zip(&names) {
             let h = r.connect_duration.get();
-            histogram(out, UPSTREAM_CONNECT_DURATION, &r.name, CONNECT_BUCKETS, h.as_deref());
+            histogram(out, UPSTREAM_CONNECT_DURATION, name, CONNECT_BUCKETS, h.as_deref());
         }
     }
     head(out, SESSION_DURATION, "histogram", "Length of sessions that reached their target.");
     if per_node {
         histogram(out, SESSION_DURATION, "", SESSION_BUCKETS, Some(&m.node_session));
     } else {
-        for r in routes {
+        for (r, name) in routes.iter().zip(&names) {
             let h = r.session_duration.get();
-            histogram(out, SESSION_DURATION, &r.name, SESSION_BUCKETS, h.as_deref());
+            histogram(out, SESSION_DURATION, name, SESSION_BUCKETS, h.as_deref());
         }
     }
 }
@@ -195,6 +211,14 @@ mod tests {
         );
         assert!(text.contains("portgate_upstream_connect_duration_seconds_bucket{route=\"a\",le=\"+Inf\"} 1"));
         assert!(text.contains("portgate_connections_rejected_total{route=\"\",reason=\"no_route\"} 0"));
+        // Reason counts exist at 0 before the first one, and count after it.
+        assert!(text.contains("portgate_upstream_connect_errors_total{route=\"a\",kind=\"refused\"} 0"));
+        r.connect_error(crate::reason::ConnectErrorKind::Refused).increment(2);
+        r.rejected(Reject::Limit).unwrap().increment(1);
+        let text = m.render();
+        assert!(text.contains("portgate_upstream_connect_errors_total{route=\"a\",kind=\"refused\"} 2"));
+        assert!(text.contains("portgate_connections_rejected_total{route=\"a\",reason=\"limit\"} 1"));
+        assert!(text.contains("portgate_sessions_closed_total{route=\"a\",close=\"operator\"} 0"));
         // Each family once, its samples together.
         for family in ["portgate_bytes_total", "portgate_sessions_closed_total"] {
             assert_eq!(text.matches(&format!("# TYPE {family} ")).count(), 1);

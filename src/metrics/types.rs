@@ -2,6 +2,7 @@
 //! allocation when counting. A route's series live in its `RouteMetrics`,
 //! the node's in `Metrics`; `render.rs` writes them out.
 
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -95,24 +96,30 @@ impl Histogram {
 /// histogram is allocated at its first sample (until then it renders as
 /// zeros), so the many routes of a large config that see no traffic cost
 /// no buckets.
+/// The slot's bounds are its type's, so a slot is one word.
 #[derive(Debug)]
-pub struct HistogramSlot {
-    bounds: &'static [f64],
+pub struct HistogramSlot<B> {
     current: ArcSwapOption<Histogram>,
+    bounds: PhantomData<fn() -> B>,
 }
 
-impl HistogramSlot {
+/// The bucket bounds of a kind of histogram.
+pub trait Buckets {
+    const BOUNDS: &'static [f64];
+}
+
+impl<B: Buckets> HistogramSlot<B> {
     /// A slot for a route's own histogram (allocated on first use), or the
     /// node's shared one.
-    pub(super) fn new(bounds: &'static [f64], shared: Option<Arc<Histogram>>) -> HistogramSlot {
-        HistogramSlot { bounds, current: ArcSwapOption::new(shared) }
+    pub(super) fn new(shared: Option<Arc<Histogram>>) -> HistogramSlot<B> {
+        HistogramSlot { current: ArcSwapOption::new(shared), bounds: PhantomData }
     }
 
     pub fn record(&self, v: f64) {
         if let Some(h) = self.current.load().as_ref() {
             return h.record(v);
         }
-        let own = Arc::new(Histogram::new(self.bounds));
+        let own = Arc::new(Histogram::new(B::BOUNDS));
         // A racing first sample may have put one there meanwhile: use it.
         let prev = self.current.compare_and_swap(&None::<Arc<Histogram>>, Some(Arc::clone(&own)));
         match prev.as_ref() {

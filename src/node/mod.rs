@@ -114,21 +114,27 @@ impl Node {
         let admin_addr = config.admin.listen;
         let keepalive = config.keepalive.clone();
         let control_path = config.control.socket.clone();
-        let state = NodeState::new(config, metrics);
 
         // Before any listener: two nodes must never share one socket.
-        let control = match &control_path {
-            Some(p) => Some(
-                ControlServer::bind(p, Arc::clone(&state), requests)
-                    .map_err(|e| StartError::Control(e.to_string()))?,
-            ),
+        let claim = match &control_path {
+            Some(p) => Some(ControlServer::claim(p).map_err(|e| StartError::Control(e.to_string()))?),
             None => None,
         };
         let mut listeners = ListenerSet::default();
         let bound = match listeners.bind_new(addr, &ports, &keepalive) {
             Ok(b) => b,
-            Err(e) => return Err(close_control(control, e.into()).await),
+            Err(e) => {
+                if let Some(c) = claim {
+                    c.release();
+                }
+                return Err(e.into());
+            }
         };
+        // After the sockets, not before: the runtime's blocks for them are
+        // cache-line aligned, which leaves small gaps in the heap, and the
+        // routes' states and series are made now, into those gaps.
+        let state = NodeState::new(config, metrics);
+        let control = claim.map(|c| c.serve(Arc::clone(&state), requests));
         let admin = match admin_addr {
             Some(a) => match AdminServer::bind(a, Arc::clone(&state)) {
                 Ok(s) => Some(s),

@@ -120,12 +120,12 @@ fn target_from_shown(s: &str) -> Option<Target> {
 /// after `revoke_grace`, as a reload that removes the route would.
 fn remnant(s: &wire::Session, target: Target) -> Route {
     Route {
-        name: s.route.clone(),
+        name: s.route.as_str().into(),
         port: s.port,
         via: s.via.clone(),
         target,
-        tenant: s.tenant.clone(),
-        allow: Vec::new(),
+        tenant: s.tenant.as_str().into(),
+        allow: Default::default(),
         endpoints: Vec::new(),
         max_connections: 0,
         ssh_user: None,
@@ -154,7 +154,7 @@ fn route_for(snap: &Snapshot, s: &wire::Session) -> Arc<Route> {
                 return Arc::clone(r);
             }
             let mut own = (**r).clone();
-            own.tenant = s.tenant.clone();
+            own.tenant = s.tenant.as_str().into();
             own.port = s.port;
             own.via = s.via.clone();
             if let Some(t) = target {

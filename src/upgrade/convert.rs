@@ -34,8 +34,8 @@ pub(crate) fn to_wire<'a>(entry: &Entry, frozen: &'a Frozen) -> (wire::Session, 
     let t2c = direction(&frozen.t2c);
     let s = wire::Session {
         id: entry.id.number(),
-        route: entry.route.name.clone(),
-        tenant: entry.route.tenant.clone(),
+        route: entry.route.name.to_string(),
+        tenant: entry.route.tenant.to_string(),
         port: entry.info.port,
         via: entry.route.via.clone(),
         target: entry.route.target.to_string(),

@@ -18,7 +18,7 @@ use toml::Spanned;
 
 use super::{is_vpce, Ctx};
 use crate::config::raw::{RawRoute, SpannedList};
-use crate::config::{Access, PortRange, Problem, ProxyMode, Route, Target};
+use crate::config::{Access, PortRange, Problem, ProxyMode, Route, Shared, Target};
 
 /// Route names appear in metric labels and ssh aliases: keep them short.
 const MAX_NAME_LEN: usize = 64;
@@ -100,12 +100,12 @@ fn route(cx: &mut Ctx, file: usize, table: &Spanned<RawRoute>, inherited: &Inher
     }
     let (Some(target), Some(allow)) = (target, allow) else { return None };
     Some(Route {
-        name,
+        name: name.into(),
         port,
         via,
         target,
-        tenant,
-        allow,
+        tenant: tenant.into(),
+        allow: allow.into(),
         endpoints,
         max_connections,
         ssh_user,
@@ -370,7 +370,7 @@ struct Accepted {
     routes: Vec<Arc<Route>>,
     /// Names are unique: a name is a route's identity across reloads, its
     /// metric label and its ssh alias.
-    by_name: HashMap<String, Arc<Route>>,
+    by_name: HashMap<Shared<str>, Arc<Route>>,
     /// The routing key `(port, via)` is unique, or a connection would have
     /// two routes.
     by_key: HashMap<(u16, Option<String>), Arc<Route>>,
