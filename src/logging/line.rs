@@ -28,8 +28,6 @@ use super::queue::LogQueue;
 use crate::config::LogFormat;
 
 /// The layer that formats every enabled event and queues its line.
-/// Per-connection lines may wait up to the queue's linger (5 ms) to go out
-/// in a batch; every other line wakes the writer at once.
 pub(super) struct LineLayer {
     pub(super) queue: Arc<LogQueue>,
     pub(super) format: LogFormat,
@@ -51,22 +49,10 @@ impl<S: Subscriber> Layer<S> for LineLayer {
         line.clear();
         fields.clear();
         format_event(self.format, event, &mut line, &mut fields);
-        self.queue.push(&line, !lingers(event.metadata()));
+        self.queue.push(&line);
         SCRATCH.set((line, fields));
     }
 }
-
-/// Whether a line may wait for the writer's linger: the per-connection
-/// lines at `info` (sessions opened and closed, connections rejected),
-/// which come in floods. Everything else (reloads, upgrades, warnings,
-/// errors) is written at once, so it is in the log by the time the
-/// operator's command returns.
-fn lingers(meta: &tracing::Metadata<'_>) -> bool {
-    *meta.level() >= Level::INFO && meta.module_path() == Some(SESSION_LINES)
-}
-
-/// The module that writes the per-connection lines.
-pub(crate) const SESSION_LINES: &str = "portgate::session::record";
 
 fn format_event(format: LogFormat, event: &Event<'_>, line: &mut Vec<u8>, fields: &mut Vec<u8>) {
     let mut v = FieldWriter { format, message: Vec::new(), fields, message_seen: false };

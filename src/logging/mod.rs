@@ -30,8 +30,6 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 
 pub use line::Addr;
-#[cfg(test)]
-pub(crate) use line::SESSION_LINES;
 use queue::LogQueue;
 
 use crate::config::LogFormat;

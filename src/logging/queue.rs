@@ -6,13 +6,7 @@
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
-
-/// How long the writer lets lines gather after the first one of a burst,
-/// so that a busy node pays one wake-up and one `write(2)` per batch rather
-/// than per line. Short against anyone reading the journal; a queue half
-/// full, a flush or exit cut it short.
-const LINGER: Duration = Duration::from_millis(5);
+use std::time::Instant;
 
 /// Lines waiting for the writer, as the bytes it will write: pushing copies
 /// a line in, and the writer swaps the whole buffer out.
@@ -26,11 +20,6 @@ struct Inner {
     writing: bool,
     /// The writer waits for a first line: a push must wake it.
     idle: bool,
-    /// The writer lets a batch gather: a push that fills half the queue
-    /// wakes it.
-    lingering: bool,
-    /// A line that must not wait for the linger is queued.
-    urgent: bool,
     /// Callers waiting in [`LogQueue::flush`]: the writer wakes them when
     /// the queue empties.
     flushers: usize,
@@ -59,8 +48,6 @@ impl LogQueue {
                 pending_dropped: 0,
                 writing: false,
                 idle: false,
-                lingering: false,
-                urgent: false,
                 flushers: 0,
             }),
             cv: Condvar::new(),
@@ -77,9 +64,9 @@ impl LogQueue {
 
     /// Queue one formatted line, or drop and count it. Never blocks on the
     /// sink: the lock is held only to copy the line in, and the writer is
-    /// woken only when it waits for a first line, half the queue is full or
-    /// the line is `urgent` (not to be held back by the linger).
-    pub(super) fn push(&self, line: &[u8], urgent: bool) {
+    /// woken only when it waits for a first line (while it writes, lines
+    /// gather into its next batch).
+    pub(super) fn push(&self, line: &[u8]) {
         let cap = self.capacity.load(Ordering::Relaxed);
         let mut q = self.lock();
         if q.lines >= cap {
@@ -95,17 +82,16 @@ impl LogQueue {
         }
         q.bytes.extend_from_slice(line);
         q.lines += 1;
-        q.urgent |= urgent;
         self.full.store(q.lines >= cap, Ordering::Relaxed);
-        let wake = q.idle || (q.lingering && (urgent || q.lines >= cap.div_ceil(2)));
+        let wake = q.idle;
         drop(q);
         if wake {
             self.cv.notify_all();
         }
     }
 
-    /// The writer thread: wait for a line, let a batch gather for
-    /// [`LINGER`], take it all and write it with the lock released.
+    /// The writer thread: wait for a line, take all that is queued and
+    /// write it with the lock released.
     pub(super) fn write_forever(&self, mut out: impl Write) {
         let mut batch = Vec::new();
         loop {
@@ -121,18 +107,10 @@ impl LogQueue {
                     q = self.cv.wait(q).unwrap_or_else(|e| e.into_inner());
                     q.idle = false;
                 }
-                let cap = self.capacity.load(Ordering::Relaxed);
-                if q.lines < cap.div_ceil(2) && q.flushers == 0 && !q.urgent {
-                    // Any wake (half full, a flush) ends the wait early.
-                    q.lingering = true;
-                    q = self.cv.wait_timeout(q, LINGER).unwrap_or_else(|e| e.into_inner()).0;
-                    q.lingering = false;
-                }
                 // Swapped in the same lock as the take: a flush never sees
                 // "empty and idle" while lines are in hand.
                 std::mem::swap(&mut batch, &mut q.bytes);
                 q.lines = 0;
-                q.urgent = false;
                 q.writing = true;
                 self.full.store(false, Ordering::Relaxed);
             }
@@ -146,8 +124,6 @@ impl LogQueue {
     pub(super) fn flush(&self, deadline: Instant) {
         let mut q = self.lock();
         q.flushers += 1;
-        // Cut the writer's linger short.
-        self.cv.notify_all();
         while q.lines > 0 || q.writing {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -162,6 +138,7 @@ impl LogQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn json_warning(n: u64) -> Vec<u8> {
         format!("{{\"level\":\"WARN\",\"message\":\"log lines dropped\",\"dropped\":{n}}}\n").into_bytes()
@@ -211,12 +188,12 @@ mod tests {
         // The writer takes line 0 and blocks on the sink; 4 more fill the
         // queue; the next 3 are dropped, and pushing never blocks.
         let start = Instant::now();
-        q.push(b"line 0\n", true);
+        q.push(b"line 0\n");
         while !q.lock().writing {
             std::thread::yield_now();
         }
         for i in 1..8 {
-            q.push(format!("line {i}\n").as_bytes(), false);
+            q.push(format!("line {i}\n").as_bytes());
         }
         assert!(start.elapsed() < Duration::from_secs(1), "push waited for the sink");
         assert_eq!(q.dropped_total.load(Ordering::Relaxed), 3);
@@ -225,7 +202,7 @@ mod tests {
         gate.open();
         q.flush(Instant::now() + Duration::from_secs(5));
         assert!(!q.full.load(Ordering::Relaxed));
-        q.push(b"line 8\n", true);
+        q.push(b"line 8\n");
         q.flush(Instant::now() + Duration::from_secs(5));
         let out = String::from_utf8(gate.0 .0.lock().unwrap().1.clone()).unwrap();
         let lines: Vec<&str> = out.lines().collect();
@@ -244,12 +221,12 @@ mod tests {
         let gate = Gate::closed();
         let (wq, sink) = (Arc::clone(&q), gate.clone());
         std::thread::spawn(move || wq.write_forever(sink));
-        q.push(b"line 0\n", true);
+        q.push(b"line 0\n");
         while !q.lock().writing {
             std::thread::yield_now();
         }
         for i in 1..=60 {
-            q.push(format!("line {i}\n").as_bytes(), false);
+            q.push(format!("line {i}\n").as_bytes());
         }
         gate.open();
         q.flush(Instant::now() + Duration::from_secs(5));

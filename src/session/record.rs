@@ -107,15 +107,3 @@ impl SessionEnd<'_> {
         );
     }
 }
-
-#[cfg(test)]
-const MODULE: &str = module_path!();
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_logger_knows_where_the_session_lines_come_from() {
-        // The writer batches this module's lines; a move must follow here.
-        assert_eq!(super::MODULE, crate::logging::SESSION_LINES);
-    }
-}
