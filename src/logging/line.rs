@@ -55,20 +55,12 @@ impl<S: Subscriber> Layer<S> for LineLayer {
 }
 
 fn format_event(format: LogFormat, event: &Event<'_>, line: &mut Vec<u8>, fields: &mut Vec<u8>) {
-    let mut v = FieldWriter { format, message: Vec::new(), fields, message_seen: false };
-    // The message goes into `line` right after the level; the fields
-    // after it. Most events record the message first, so `line` is
-    // written up to the message before visiting.
+    // The message goes into `line` right after the level, the fields into
+    // `fields` (a message may be recorded after them); then they are joined.
     start(format, *event.metadata().level(), line);
-    v.message = std::mem::take(line);
+    let mut v = FieldWriter { format, message: line, fields, message_seen: false };
     event.record(&mut v);
-    let mut out = std::mem::take(&mut v.message);
-    if !v.message_seen && format == LogFormat::Json {
-        out.extend_from_slice(b"\"\"");
-    }
-    out.extend_from_slice(v.fields);
-    out.extend_from_slice(if format == LogFormat::Json { b"}\n" } else { b"\n" });
-    *line = out;
+    v.finish();
 }
 
 /// The line up to where the message goes.
@@ -96,16 +88,13 @@ fn start(format: LogFormat, level: Level, out: &mut Vec<u8>) {
 
 /// A complete line with no fields but `dropped` (the queue's own warning).
 pub(super) fn dropped_warning(format: LogFormat, dropped: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(128);
+    let (mut out, mut fields) = (Vec::with_capacity(128), Vec::new());
     start(format, Level::WARN, &mut out);
-    let mut fields = Vec::new();
-    let mut v = FieldWriter { format, message: out, fields: &mut fields, message_seen: false };
+    let mut v = FieldWriter { format, message: &mut out, fields: &mut fields, message_seen: false };
     v.write_message("log lines dropped");
     v.key("dropped");
     itoa(v.fields, dropped);
-    let mut out = v.message;
-    out.extend_from_slice(&fields);
-    out.extend_from_slice(if format == LogFormat::Json { b"}\n" } else { b"\n" });
+    v.finish();
     out
 }
 
@@ -140,7 +129,8 @@ fn timestamp(out: &mut Vec<u8>) {
 /// `fields`.
 struct FieldWriter<'a> {
     format: LogFormat,
-    message: Vec<u8>,
+    /// The line, written up to the message.
+    message: &'a mut Vec<u8>,
     fields: &'a mut Vec<u8>,
     message_seen: bool,
 }
@@ -149,9 +139,19 @@ impl FieldWriter<'_> {
     fn write_message(&mut self, text: &str) {
         self.message_seen = true;
         match self.format {
-            LogFormat::Json => json_string(&mut self.message, text),
-            LogFormat::Text => escape_controls(&mut self.message, text),
+            LogFormat::Json => json_string(self.message, text),
+            LogFormat::Text => escape_controls(self.message, text),
         }
+    }
+
+    /// Complete the line: the fields after the message, then the end.
+    fn finish(self) {
+        let json = self.format == LogFormat::Json;
+        if json && !self.message_seen {
+            self.message.extend_from_slice(b"\"\"");
+        }
+        self.message.extend_from_slice(self.fields);
+        self.message.extend_from_slice(if json { b"}\n" } else { b"\n" });
     }
 
     /// ` key=` or `,"key":`.
@@ -227,7 +227,7 @@ impl Visit for FieldWriter<'_> {
                 self.message.push(b'"');
             }
             let at = self.message.len();
-            let _ = write!(Bytes(&mut self.message), "{value:?}");
+            let _ = write!(Bytes(self.message), "{value:?}");
             let region = &self.message[at..];
             if region.iter().any(|&b| b < b' ' || b == 0x7f || (json && (b == b'"' || b == b'\\'))) {
                 let text = String::from_utf8_lossy(region).into_owned();
@@ -289,39 +289,25 @@ impl fmt::Display for Addr {
 
 /// `a.b.c.d:port` into `out`; returns the length.
 fn v4_socket_addr(out: &mut [u8; 21], ip: Ipv4Addr, port: u16) -> usize {
-    fn digits(out: &mut [u8; 21], n: &mut usize, v: u32) {
-        let mut tmp = [0u8; 5];
-        let mut i = tmp.len();
-        let mut v = v;
-        loop {
-            i -= 1;
-            tmp[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        let len = tmp.len() - i;
-        out[*n..*n + len].copy_from_slice(&tmp[i..]);
-        *n += len;
-    }
     let mut n = 0;
+    let mut put = |bytes: &[u8]| {
+        out[n..n + bytes.len()].copy_from_slice(bytes);
+        n += bytes.len();
+    };
+    let mut buf = [0u8; 20];
     for (i, o) in ip.octets().into_iter().enumerate() {
         if i > 0 {
-            out[n] = b'.';
-            n += 1;
+            put(b".");
         }
-        digits(out, &mut n, u32::from(o));
+        put(decimal(u64::from(o), &mut buf));
     }
-    out[n] = b':';
-    n += 1;
-    digits(out, &mut n, u32::from(port));
+    put(b":");
+    put(decimal(u64::from(port), &mut buf));
     n
 }
 
-/// Decimal digits of `n`.
-fn itoa(out: &mut Vec<u8>, mut n: u64) {
-    let mut buf = [0u8; 20];
+/// The decimal digits of `n`, written at the end of `buf`.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;
@@ -331,7 +317,12 @@ fn itoa(out: &mut Vec<u8>, mut n: u64) {
             break;
         }
     }
-    out.extend_from_slice(&buf[i..]);
+    &buf[i..]
+}
+
+/// Decimal digits of `n`, appended.
+fn itoa(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(decimal(n, &mut [0u8; 20]));
 }
 
 /// `"..."` with JSON's escapes.
