@@ -216,7 +216,12 @@ fn run(path: &Path) -> ExitCode {
     let exit_log = log.clone();
     raise_nofile_limit();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .on_thread_park(logging::on_worker_park)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("portgate: cannot start the runtime: {e}");

@@ -48,6 +48,16 @@ pub fn audit_unavailable() -> bool {
     QUEUE.get().is_some_and(|q| q.full.load(Ordering::Relaxed))
 }
 
+/// For the runtime's `on_thread_park` hook: a worker about to sleep wakes
+/// the writer for the lines it queued since it last did (see
+/// `LogQueue::push`). Threads that never call it wake the writer at every
+/// first line.
+pub fn on_worker_park() {
+    if let Some(q) = QUEUE.get() {
+        q.on_park();
+    }
+}
+
 /// Changes a running logger (on reload) and flushes it (at exit).
 #[derive(Clone)]
 pub struct LogControl {

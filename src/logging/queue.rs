@@ -3,10 +3,23 @@
 //! waits for the sink; the writer takes everything queued in one swap and
 //! writes it with one `write(2)`.
 
+use std::cell::Cell;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
+
+/// Lines a runtime worker may queue before it wakes the writer without
+/// waiting to park (the bound is also capped at half the queue).
+const DEFERRED_LINES: usize = 128;
+
+thread_local! {
+    /// This thread is a runtime worker that calls [`LogQueue::on_park`]
+    /// before it sleeps, so its pushes may leave the wake-up to then.
+    static DEFERS: Cell<bool> = const { Cell::new(false) };
+    /// A push on this thread left the writer asleep.
+    static WAKE_PENDING: Cell<bool> = const { Cell::new(false) };
+}
 
 /// Lines waiting for the writer, as the bytes it will write: pushing copies
 /// a line in, and the writer swaps the whole buffer out.
@@ -65,7 +78,12 @@ impl LogQueue {
     /// Queue one formatted line, or drop and count it. Never blocks on the
     /// sink: the lock is held only to copy the line in, and the writer is
     /// woken only when it waits for a first line (while it writes, lines
-    /// gather into its next batch).
+    /// gather into its next batch). On a runtime worker the wake-up waits
+    /// until the worker runs out of work ([`LogQueue::on_park`]) or
+    /// [`DEFERRED_LINES`] are queued: the lines of one burst of sessions go
+    /// out in one write, and the writer thread does not preempt the worker
+    /// for every line. A worker with nothing to do parks at once, so a
+    /// lone line is not delayed.
     pub(super) fn push(&self, line: &[u8]) {
         let cap = self.capacity.load(Ordering::Relaxed);
         let mut q = self.lock();
@@ -83,7 +101,31 @@ impl LogQueue {
         q.bytes.extend_from_slice(line);
         q.lines += 1;
         self.full.store(q.lines >= cap, Ordering::Relaxed);
-        let wake = q.idle;
+        let mut wake = q.idle;
+        if wake && DEFERS.get() && q.lines < DEFERRED_LINES.min(cap / 2) {
+            WAKE_PENDING.set(true);
+            wake = false;
+        }
+        drop(q);
+        if wake {
+            self.cv.notify_all();
+        }
+    }
+
+    /// Called by a runtime worker just before it parks: wake the writer
+    /// for the lines this thread queued. The first call marks the thread
+    /// as one whose pushes may defer the wake-up.
+    pub(super) fn on_park(&self) {
+        DEFERS.set(true);
+        if WAKE_PENDING.replace(false) {
+            self.wake();
+        }
+    }
+
+    /// Wake the writer if it sleeps while lines wait.
+    fn wake(&self) {
+        let q = self.lock();
+        let wake = q.idle && q.lines > 0;
         drop(q);
         if wake {
             self.cv.notify_all();
@@ -124,6 +166,10 @@ impl LogQueue {
     pub(super) fn flush(&self, deadline: Instant) {
         let mut q = self.lock();
         q.flushers += 1;
+        if q.idle && q.lines > 0 {
+            // Lines a worker queued without waking the writer.
+            self.cv.notify_all();
+        }
         while q.lines > 0 || q.writing {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -234,5 +280,66 @@ mod tests {
         let expected: String = (0..=60).map(|i| format!("line {i}\n")).collect();
         assert_eq!(String::from_utf8(out).unwrap(), expected);
         assert_eq!(writes, 2, "line 0, then the 60 that waited, in one write");
+    }
+
+    /// An open sink that records each write.
+    fn counting_writer(q: &Arc<LogQueue>) -> Gate {
+        let gate = Gate::closed();
+        gate.open();
+        let (wq, sink) = (Arc::clone(q), gate.clone());
+        std::thread::spawn(move || wq.write_forever(sink));
+        // Pushes below must find it waiting for a first line.
+        while !q.lock().idle {
+            std::thread::yield_now();
+        }
+        gate
+    }
+
+    fn wait_for_writes(gate: &Gate, n: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, out, writes) = gate.0 .0.lock().unwrap().clone();
+            if writes >= n {
+                return String::from_utf8(out).unwrap();
+            }
+            assert!(Instant::now() < deadline, "{writes} writes after 5 s, expected {n}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_worker_wakes_the_writer_when_it_parks_and_its_lines_go_out_in_one_write() {
+        let q = LogQueue::new(1000, json_warning);
+        let gate = counting_writer(&q);
+        q.on_park(); // this thread now behaves as a runtime worker
+        for i in 0..3 {
+            q.push(format!("line {i}\n").as_bytes());
+        }
+        q.on_park();
+        assert_eq!(wait_for_writes(&gate, 1), "line 0\nline 1\nline 2\n");
+        assert_eq!(gate.0 .0.lock().unwrap().2, 1);
+    }
+
+    #[test]
+    fn a_worker_that_never_parks_still_gets_its_lines_written() {
+        let q = LogQueue::new(10_000, json_warning);
+        let gate = counting_writer(&q);
+        q.on_park();
+        for i in 0..DEFERRED_LINES {
+            q.push(format!("line {i}\n").as_bytes());
+        }
+        // No park: the bound wakes the writer.
+        let out = wait_for_writes(&gate, 1);
+        assert!(out.starts_with("line 0\n"), "{out}");
+    }
+
+    #[test]
+    fn flush_writes_lines_a_worker_queued_without_waking_the_writer() {
+        let q = LogQueue::new(1000, json_warning);
+        let gate = counting_writer(&q);
+        q.on_park();
+        q.push(b"last words\n");
+        q.flush(Instant::now() + Duration::from_secs(5));
+        assert_eq!(String::from_utf8(gate.0 .0.lock().unwrap().1.clone()).unwrap(), "last words\n");
     }
 }
