@@ -99,11 +99,7 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<NodeState>) 
         }
     };
     buf.drain(..start);
-    http::serve_one(Rewind::new(buf, stream), move |req| {
-        let answer = route(&req, &state);
-        std::future::ready(answer)
-    })
-    .await;
+    http::serve_one(Rewind::new(buf, stream), move |req| route(req, Arc::clone(&state))).await;
     Ok(())
 }
 
@@ -116,6 +112,28 @@ async fn refuse(stream: &mut TcpStream, status: &str, body: &str) -> io::Result<
     );
     stream.write_all(out.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// Scrapes rendered at the same time; more wait their turn, so a burst of
+/// scrapes cannot start a thread each.
+static RENDERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// The exposition, rendered on a thread of its own: at 50,000 routes it
+/// takes a few hundred milliseconds, which must not hold a runtime worker
+/// (and the sessions queued on it) still. Not the runtime's blocking pool:
+/// hung name lookups can hold all of it, and metrics must still answer
+/// then. `None` if the render thread could not start or panicked.
+async fn render_metrics(state: &Arc<NodeState>) -> Option<String> {
+    let _turn = RENDERS.acquire().await.ok()?;
+    let metrics = Arc::clone(&state.metrics);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("portgate-scrape".into())
+        .spawn(move || {
+            let _ = tx.send(metrics.render());
+        })
+        .ok()?;
+    rx.await.ok()
 }
 
 enum Strip {
@@ -159,7 +177,7 @@ fn strip_proxy_header(buf: &[u8], peer: SocketAddr, state: &NodeState) -> Strip 
 
 /// The admin routes. Control verbs (`/reload`, ...) are not among them:
 /// they are served on the control socket only, so here they are 404.
-fn route(req: &Request<Incoming>, state: &NodeState) -> Response<Body> {
+async fn route(req: Request<Incoming>, state: Arc<NodeState>) -> Response<Body> {
     let path = req.uri().path();
     if !matches!(path, "/metrics" | "/healthz" | "/readyz") {
         return http::text(StatusCode::NOT_FOUND, "not found; try /metrics, /healthz or /readyz\n");
@@ -169,9 +187,10 @@ fn route(req: &Request<Incoming>, state: &NodeState) -> Response<Body> {
         return http::text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
     }
     match path {
-        "/metrics" => {
-            http::respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", state.metrics.render())
-        }
+        "/metrics" => match render_metrics(&state).await {
+            Some(text) => http::respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text),
+            None => http::text(StatusCode::INTERNAL_SERVER_ERROR, "rendering the metrics failed\n"),
+        },
         "/healthz" => http::text(StatusCode::OK, "ok\n"),
         _ if state.is_ready() => http::text(StatusCode::OK, "ready\n"),
         _ => http::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
