@@ -130,6 +130,7 @@ async fn render_metrics(state: &Arc<NodeState>) -> Option<String> {
     std::thread::Builder::new()
         .name("portgate-scrape".into())
         .spawn(move || {
+            crate::sys::yield_on_wakeup();
             let _ = tx.send(metrics.render());
         })
         .ok()?;

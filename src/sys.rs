@@ -1,6 +1,6 @@
 //! The calls no well-kept crate wraps, and the crate's only `unsafe`:
-//! `IP_BIND_ADDRESS_NO_PORT` (rustix and socket2 lack it), and glibc's
-//! `mallopt` and `malloc_trim`.
+//! `IP_BIND_ADDRESS_NO_PORT` (rustix and socket2 lack it), glibc's
+//! `mallopt` and `malloc_trim`, and `sched_setscheduler`.
 //!
 //! Each is one call with its arguments checked here; callers see safe
 //! functions.
@@ -64,5 +64,26 @@ pub fn limit_heap_arenas() {
     // no thread has allocated from another arena yet.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// Put the calling thread under `SCHED_BATCH`: the same share of the CPU
+/// as any other thread, but waking it does not preempt the thread that
+/// runs; it gets the CPU when that thread sleeps or at the next tick. For
+/// the log writer and the `/metrics` renderer: a runtime worker that wakes
+/// one of them goes on serving sessions instead of being switched out for
+/// it (before, with logging on, every park of a busy worker woke the writer
+/// and two context switches followed, ~8% of the connection path's CPU).
+/// Best effort: a kernel or sandbox that refuses it leaves the thread as
+/// it was, which is only slower.
+pub(crate) fn yield_on_wakeup() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: pid 0 is the calling thread; `param` is a live struct on
+        // the stack that the kernel only reads.
+        unsafe {
+            libc::sched_setscheduler(0, libc::SCHED_BATCH, &param);
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! A log sink that stops reading must not stop the node (SPEC "Logging never
 //! stops the node"): portgate's stderr is a pipe this test never reads
 //! (shrunk to one page, so it fills after a few lines), as a stalled
-//! journald or a blocked `| tee` would be.
+//! journald or a blocked `| tee` would be. And the writer thread must not
+//! take the CPU from a busy runtime worker each time it is woken.
 
 mod common;
 
@@ -165,4 +166,38 @@ fn sigterm_drains_and_exits_on_time_with_a_stalled_sink() {
     // The long session was closed with FIN at the end of the drain.
     let mut b = [0u8; 8];
     assert!(matches!(long.read(&mut b), Ok(0) | Err(_)));
+}
+
+/// The scheduling policy (field 41 of `/proc/PID/task/TID/stat`) of each of
+/// `pid`'s threads, by thread name.
+fn thread_policies(pid: i32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let (Ok(comm), Ok(stat)) =
+            (std::fs::read_to_string(dir.join("comm")), std::fs::read_to_string(dir.join("stat")))
+        else {
+            continue; // the thread ended between the listing and the read
+        };
+        // Fields after the `(comm)` one start at field 3.
+        let after = &stat[stat.rfind(')').unwrap() + 1..];
+        let policy = after.split_whitespace().nth(41 - 3).unwrap().parse().unwrap();
+        out.push((comm.trim().to_string(), policy));
+    }
+    out
+}
+
+#[test]
+fn the_log_writer_runs_sched_batch_so_waking_it_does_not_preempt_a_worker() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    let pg = Portgate::start(Config::loopback());
+    let threads = thread_policies(pg.pid());
+    let writer: Vec<_> = threads.iter().filter(|(name, _)| name == "portgate-log").collect();
+    assert_eq!(writer.len(), 1, "one log writer thread expected: {threads:?}");
+    assert_eq!(writer[0].1, SCHED_BATCH, "{threads:?}");
+    // The runtime's workers keep the normal policy: sessions are served
+    // as they always were.
+    assert!(threads.iter().any(|(name, p)| name != "portgate-log" && *p == SCHED_OTHER), "{threads:?}");
+    assert!(threads.iter().all(|(name, p)| name == "portgate-log" || *p == SCHED_OTHER), "{threads:?}");
 }

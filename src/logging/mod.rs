@@ -110,9 +110,10 @@ pub fn init(format: LogFormat, level: &str, queue_lines: usize) -> LogControl {
     };
     let queue = LogQueue::new(queue_lines, warning);
     let writer_queue = Arc::clone(&queue);
-    let spawned = std::thread::Builder::new()
-        .name("portgate-log".into())
-        .spawn(move || writer_queue.write_forever(std::io::stderr()));
+    let spawned = std::thread::Builder::new().name("portgate-log".into()).spawn(move || {
+        crate::sys::yield_on_wakeup();
+        writer_queue.write_forever(std::io::stderr())
+    });
     if spawned.is_err() {
         // No writer thread: nothing would ever drain the queue.
         return LogControl::none();

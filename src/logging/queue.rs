@@ -33,6 +33,9 @@ struct Inner {
     writing: bool,
     /// The writer waits for a first line: a push must wake it.
     idle: bool,
+    /// A wake-up is on its way to the idle writer: the pushes and parks
+    /// until it runs need not send another (each is a futex call).
+    woken: bool,
     /// Callers waiting in [`LogQueue::flush`]: the writer wakes them when
     /// the queue empties.
     flushers: usize,
@@ -61,6 +64,7 @@ impl LogQueue {
                 pending_dropped: 0,
                 writing: false,
                 idle: false,
+                woken: false,
                 flushers: 0,
             }),
             cv: Condvar::new(),
@@ -101,11 +105,12 @@ impl LogQueue {
         q.bytes.extend_from_slice(line);
         q.lines += 1;
         self.full.store(q.lines >= cap, Ordering::Relaxed);
-        let mut wake = q.idle;
+        let mut wake = q.idle && !q.woken;
         if wake && DEFERS.get() && q.lines < DEFERRED_LINES.min(cap / 2) {
             WAKE_PENDING.set(true);
             wake = false;
         }
+        q.woken |= wake;
         drop(q);
         if wake {
             self.cv.notify_all();
@@ -124,8 +129,9 @@ impl LogQueue {
 
     /// Wake the writer if it sleeps while lines wait.
     fn wake(&self) {
-        let q = self.lock();
-        let wake = q.idle && q.lines > 0;
+        let mut q = self.lock();
+        let wake = q.idle && !q.woken && q.lines > 0;
+        q.woken |= wake;
         drop(q);
         if wake {
             self.cv.notify_all();
@@ -148,6 +154,7 @@ impl LogQueue {
                     q.idle = true;
                     q = self.cv.wait(q).unwrap_or_else(|e| e.into_inner());
                     q.idle = false;
+                    q.woken = false;
                 }
                 // Swapped in the same lock as the take: a flush never sees
                 // "empty and idle" while lines are in hand.
